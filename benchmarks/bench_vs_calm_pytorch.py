@@ -1,0 +1,379 @@
+"""calm_dist against the reference implementation CALM-Pytorch 0.2.2 (import name ``CALM_pytorch``).
+
+Run: ``python -m benchmarks.bench_vs_calm_pytorch [--quick] [--threads N]``. Prints one JSON line per
+figure on stdout (nothing else); progress goes to stderr. Only ratios measured side by side in this
+one process mean anything: repetitions of the two implementations are interleaved and medians taken.
+
+How the two are matched
+-----------------------
+* Base models: one seeded anchor ``LlamaForCausalLM`` (hidden 256, 4 layers, 4 heads, MLP 512) and one
+  seeded augment (hidden 128, 4 layers, 4 heads, MLP 256), vocabulary 300, SDPA attention. Each
+  implementation composes its own deep copy, because both patch the anchor in place (calm_dist wraps
+  its decoder layers, calm_pytorch registers forward hooks on them).
+* Connections: calm_dist's ``(augment_layer, anchor_layer)`` are 0-based decoder-layer indices, each
+  meaning "the output of that layer". calm_pytorch's are 1-based indices into the block lists we give it
+  (the HF decoder layers, in order, hooked at their 'output'). So ours ``((1, 1), (3, 3))`` is theirs
+  ``((2, 2), (4, 4))``: two cross-attention blocks, after anchor layers 2 and 4 (1-based), reading the
+  outputs of augment layers 2 and 4.
+* Bridge: both project the augment state with Linear(128 -> 256, bias), then multi-head attention with
+  4 heads x 64 dims, bias-free q/k/v/o, zero-initialised output, added to the anchor layer output;
+  both call ``F.scaled_dot_product_attention`` (calm_pytorch ``flash=True``). We pass
+  ``pre_rmsnorm=False`` (calm_pytorch's default turns it on) since our bridge has no pre-norm.
+* Wrapping HF models for calm_pytorch: it needs an anchor that returns a logits tensor
+  (``_LogitsOnly``) and hooks on the transformer blocks (``model.model.layers``). The augment is given
+  as its backbone only (``_AugmentBackbone``, no LM head), as calm_dist runs it; both with
+  ``use_cache=False``, and the augment gets the attention mask (``mask_kwarg``) as ours does.
+* Training step: every model reads exactly ``train_len`` tokens per row. Ours: ``input_ids =
+  data[:, :T]``, ``labels`` the same (shifted inside: T-1 predictions). Theirs: ``seq = data`` (T+1
+  tokens; it feeds ``seq[:, :-1]`` to the anchor and predicts ``seq[:, 1:]``) and ``prompt =
+  data[:, :T]`` for the augment. Same plain loop for both: loss, ``backward()``, ``torch.optim.AdamW``
+  over the trainable parameters only, ``zero_grad(set_to_none=True)`` (not calm_pytorch's
+  ``FineTuner``, which adds accelerate, a warm-up schedule and clipping).
+* Generation: same prompt batch, greedy, 64 new tokens, no EOS. Ours: ``model.generate`` (KV caches on
+  both models, bridge keys/values projected incrementally). Theirs: ``CALM.generate``, which runs the
+  augment once on the prompt, then re-runs the whole anchor over the whole sequence (plus one padding
+  slot) for every new token: no KV cache. It only samples, so we pass a ``filter_fn`` that keeps just
+  the top logit: its Gumbel sampling then returns the argmax. Its tqdm bar is turned off.
+
+Differences calm_pytorch cannot turn off (documented, not equalised)
+--------------------------------------------------------------------
+* A per-head value gate (``gate_value_heads=True``: Linear(256 -> 4) + sigmoid) in each block: +1,028
+  trainable parameters per block, 0.35% of the total (see ``reference_trainable_param_count``).
+* Its cross-attention is not causal: each anchor position reads every augment position of the prompt
+  (ours is causal and padding-aware, through a boolean SDPA mask). Same FLOPs, different semantics.
+* During generation its augment never sees the generated tokens (ours extends the augment with them).
+* calm_dist taps ``hidden_states[layer + 1]`` of the augment, which for its last layer is the output
+  after the final norm; calm_pytorch taps the raw block output. One RMSNorm, no cost difference.
+* It puts the (dropout-free) anchor in train mode for the loss; ours keeps both base models in eval.
+* CALM's constructor leaves "recorder" hooks on the anchor blocks that append every block output to a
+  list that is never emptied (~50 MB per generation call here). We remove them after construction:
+  that only makes the reference faster, so the ratios reported are conservative.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+REFERENCE_IMPORT_NAMES = ("CALM_pytorch", "calm_pytorch")
+INSTALL_HINT = 'calm_pytorch (CALM-Pytorch) is not installed: run `pip install -e ".[bench]"`'
+# Trainable parameter counts of the two setups must agree within this factor (they differ by the
+# per-head value gate of calm_pytorch only, 0.35% here); a larger gap means the setups diverged.
+PARAM_COUNT_FACTOR = 1.05
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    vocab: int = 300
+    anchor_hidden: int = 256
+    anchor_layers: int = 4
+    anchor_heads: int = 4
+    augment_hidden: int = 128
+    augment_layers: int = 4
+    augment_heads: int = 4
+    connections: tuple = ((1, 1), (3, 3))  # calm_dist convention: 0-based (augment, anchor) layers
+    train_batch: int = 16
+    train_len: int = 32
+    prompt_batch: int = 4
+    prompt_len: int = 16
+    new_tokens: int = 64
+    lr: float = 1e-4
+    seed: int = 0
+
+    @property
+    def reference_connections(self) -> tuple:
+        """calm_pytorch counts blocks from 1: our decoder layer i is its block i + 1."""
+        return tuple((augment + 1, anchor + 1) for augment, anchor in self.connections)
+
+
+@dataclass(frozen=True)
+class Repeats:
+    train_warmup: int
+    train: int
+    gen_warmup: int
+    gen: int
+
+
+DEFAULT_REPEATS = Repeats(train_warmup=5, train=40, gen_warmup=1, gen=10)
+QUICK_REPEATS = Repeats(train_warmup=1, train=3, gen_warmup=0, gen=1)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def import_reference():
+    """The calm_pytorch package, or None when it is not installed."""
+    for name in REFERENCE_IMPORT_NAMES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def tiny_llama(config: BenchConfig, hidden: int, layers: int, heads: int, seed: int) -> nn.Module:
+    import transformers
+
+    llama_config = transformers.LlamaConfig(
+        vocab_size=config.vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    llama_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(llama_config).eval()
+
+
+def base_models(config: BenchConfig) -> tuple[nn.Module, nn.Module]:
+    anchor = tiny_llama(config, config.anchor_hidden, config.anchor_layers, config.anchor_heads, config.seed)
+    augment = tiny_llama(config, config.augment_hidden, config.augment_layers, config.augment_heads, config.seed + 1)
+    return anchor, augment
+
+
+def build_ours(config: BenchConfig, anchor: nn.Module, augment: nn.Module):
+    import calm_dist
+
+    return calm_dist.compose(copy.deepcopy(anchor), copy.deepcopy(augment), connections=list(config.connections))
+
+
+class _LogitsOnly(nn.Module):
+    """An HF causal LM as calm_pytorch wants its anchor: token ids in, logits tensor out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+        self.last_length = 0
+
+    def forward(self, input_ids):
+        self.calls += 1
+        self.last_length = input_ids.shape[-1]
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _AugmentBackbone(nn.Module):
+    """The augment without its LM head (what calm_dist runs too); calm_pytorch hooks its layers."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = model.model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def _drop_recorder_hooks(reference, blocks: list[nn.Module]) -> None:
+    """Remove CALM's construction-time recorders from the anchor blocks (they leak every output)."""
+    recorder_type = importlib.import_module(reference.CALM.__module__).Recorder
+    for block in blocks:
+        for key in [key for key, hook in block._forward_hooks.items() if isinstance(hook, recorder_type)]:
+            del block._forward_hooks[key]
+
+
+def build_reference(config: BenchConfig, anchor: nn.Module, augment: nn.Module, reference):
+    anchor_lm = _LogitsOnly(copy.deepcopy(anchor))
+    augment_lm = _AugmentBackbone(copy.deepcopy(augment))
+    anchor_blocks = list(anchor_lm.model.model.layers)
+    params = reference.AugmentParams(
+        model=augment_lm,
+        transformer_blocks=list(augment_lm.backbone.layers),
+        connections=config.reference_connections,
+        mask_kwarg="attention_mask",
+    )
+    attn_kwargs = dict(
+        linear_project_context=True, pre_rmsnorm=False, flash=True,
+        heads=config.anchor_heads, dim_head=config.anchor_hidden // config.anchor_heads,
+    )
+    calm = reference.CALM(anchor_lm, params, attn_kwargs=attn_kwargs, anchor_transformer_blocks=anchor_blocks)
+    _drop_recorder_hooks(reference, anchor_blocks)
+    return calm
+
+
+def ours_trainable_param_count(model) -> int:
+    return sum(p.numel() for p in model.trainable_parameters())
+
+
+def reference_trainable_param_count(config: BenchConfig) -> int:
+    """What calm_pytorch trains for this config, from its source (CrossAttentionBlock + Attention)."""
+    dim, context, heads = config.anchor_hidden, config.augment_hidden, config.anchor_heads
+    inner = heads * (dim // heads)
+    context_proj = context * dim + dim  # Linear(dim_context, dim), with bias
+    qkvo = dim * inner * 3 + inner * dim  # bias-free to_q, to_k, to_v, to_out
+    value_head_gate = dim * heads + heads  # gate_value_heads: Linear(dim, heads), with bias
+    return len(config.connections) * (context_proj + qkvo + value_head_gate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads: each returns a zero-argument callable doing one timed unit of work.
+
+
+def make_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(config.seed + 7)
+    train = torch.randint(3, config.vocab, (config.train_batch, config.train_len + 1), generator=generator)
+    prompt = torch.randint(3, config.vocab, (config.prompt_batch, config.prompt_len), generator=generator)
+    return train, prompt
+
+
+def ours_train_step(model, data: torch.Tensor, lr: float) -> Callable[[], float]:
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    input_ids = data[:, :-1]
+    mask = torch.ones_like(input_ids)
+
+    def step() -> float:
+        model.train()
+        loss = model(input_ids, attention_mask=mask, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def reference_train_step(calm, data: torch.Tensor, lr: float) -> Callable[[], float]:
+    optimizer = torch.optim.AdamW(calm.parameters(), lr=lr)
+    prompt = data[:, :-1]
+
+    def step() -> float:
+        loss = calm(data, prompt=prompt)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def ours_generate(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
+    mask = torch.ones_like(prompt)
+
+    def generate() -> torch.Tensor:
+        model.eval()
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None)
+        assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
+        return out
+
+    return generate
+
+
+def keep_top_logit(logits: torch.Tensor) -> torch.Tensor:
+    """A calm_pytorch ``filter_fn`` that makes its sampling greedy."""
+    return logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def reference_generate(calm, prompt: torch.Tensor, new_tokens: int) -> Callable[[], object]:
+    anchor_lm = calm.anchor_llm
+    total_len = prompt.shape[1] + new_tokens
+
+    def generate():
+        anchor_lm.calls = 0
+        out = calm.generate(prompt, seq_len=total_len, filter_fn=keep_top_logit, filter_kwargs={})
+        assert anchor_lm.calls == new_tokens, f"calm_pytorch ran {anchor_lm.calls} anchor forwards"
+        return out
+
+    return generate
+
+
+def silence_reference_progress_bar(reference) -> None:
+    sampling = importlib.import_module(f"{reference.__name__}.sampling_utils")
+    sampling.tqdm = partial(sampling.tqdm, disable=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_interleaved(ours: Callable, theirs: Callable, warmup: int, repeats: int, label: str):
+    """Median seconds of each, after warm-up; repetitions alternate AB, BA, AB, ... ."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    times = {"ours": [], "theirs": []}
+    runners = [("ours", ours), ("theirs", theirs)]
+    for index in range(repeats):
+        for name, run in runners if index % 2 == 0 else runners[::-1]:
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+        log(f"{label} {index + 1}/{repeats}: ours {times['ours'][-1]:.4f}s theirs {times['theirs'][-1]:.4f}s")
+    return statistics.median(times["ours"]), statistics.median(times["theirs"])
+
+
+def figure_line(figure: str, value: float, goal: float, better: str, **extra) -> str:
+    if not (math.isfinite(value) and value > 0):
+        raise RuntimeError(f"{figure}: measured value {value!r} is not a finite positive number")
+    return json.dumps({"figure": figure, "value": round(value, 4), "goal": goal, "better": better, **extra})
+
+
+def train_figure(config, ours_model, calm, data, repeats: Repeats, threads: int) -> str:
+    ours_s, theirs_s = time_interleaved(
+        ours_train_step(ours_model, data, config.lr), reference_train_step(calm, data, config.lr),
+        repeats.train_warmup, repeats.train, "train step",
+    )
+    return figure_line(
+        "train_step_time_ratio_vs_calm_pytorch", ours_s / theirs_s, 0.8, "lower",
+        ours_s=round(ours_s, 5), theirs_s=round(theirs_s, 5), repeats=repeats.train, threads=threads,
+        ours_trainable_params=ours_trainable_param_count(ours_model),
+        theirs_trainable_params=sum(p.numel() for p in calm.parameters()),
+    )
+
+
+def generation_figure(config, ours_model, calm, prompt, repeats: Repeats, threads: int) -> str:
+    ours_s, theirs_s = time_interleaved(
+        ours_generate(ours_model, prompt, config.new_tokens), reference_generate(calm, prompt, config.new_tokens),
+        repeats.gen_warmup, repeats.gen, "generate",
+    )
+    tokens = prompt.shape[0] * config.new_tokens
+    return figure_line(
+        "generation_tokens_per_s_ratio_vs_calm_pytorch", (tokens / ours_s) / (tokens / theirs_s), 5, "higher",
+        ours_s=round(ours_s, 4), theirs_s=round(theirs_s, 4), repeats=repeats.gen, threads=threads,
+        ours_tokens_per_s=round(tokens / ours_s, 1), theirs_tokens_per_s=round(tokens / theirs_s, 1),
+    )
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke test, noisy)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reference = import_reference()
+    if reference is None:
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    silence_reference_progress_bar(reference)
+    config, repeats = BenchConfig(), QUICK_REPEATS if args.quick else DEFAULT_REPEATS
+    anchor, augment = base_models(config)
+    ours_model = build_ours(config, anchor, augment)
+    calm = build_reference(config, anchor, augment, reference)
+    log(f"connections: ours {config.connections} (0-based) = calm_pytorch {config.reference_connections} (1-based)")
+    data, prompt = make_data(config)
+    start = time.perf_counter()
+    print(train_figure(config, ours_model, calm, data, repeats, args.threads), flush=True)
+    print(generation_figure(config, ours_model, calm, prompt, repeats, args.threads), flush=True)
+    log(f"done in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

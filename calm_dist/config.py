@@ -1,0 +1,264 @@
+"""One config tree: dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+Unknown keys and values of the wrong type raise a ValueError naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class RunConfig:
+    name: str = "kv_arithmetic"
+    output_dir: str = "runs"
+    cache_dir: str = ".cache/calm_dist"
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class DataConfig:
+    num_keys: int = 200
+    key_min_len: int = 2
+    key_max_len: int = 4
+    value_max: int = 20
+    min_operands: int = 2
+    max_operands: int = 3
+    heldin_fraction: float = 0.2
+    val_fraction: float = 0.0
+    base_train_examples: int = 60000  # per base-model task
+    composition_train_examples: int = 60000
+    eval_examples: int = 400  # per evaluation set
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a saved HF model to load instead of training one from scratch
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BaseModelConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class CompositionConfig:
+    every_n: int | None = None
+    connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = evaluate at the end only
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    max_new_tokens: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = no periodic checkpoints
+    keep: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    anchor_ranks: int = 1
+    augment_stages: int = 1
+    min_anchor_ranks: int = 1
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: BaseModelConfig = field(default_factory=BaseModelConfig)
+    anchor: BaseModelConfig = field(default_factory=BaseModelConfig)
+    composition: CompositionConfig = field(default_factory=CompositionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check_value(key, value, option)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key '{key}': expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_check_value(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ValueError(
+                f"config key '{key}': expected {annotation.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    raise ValueError(f"config key '{key}': unsupported type {annotation}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(
+                f"unknown config key '{prefix}{key}' (known under '{prefix or '<root>'}': {sorted(names)})"
+            )
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _check_value(f"{prefix}{name}", value, hint)
+    return cls(**values)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key=value (e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        key, value = parse_override(override)
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
+
+_POSITIVE = (
+    "data.num_keys", "data.key_min_len", "data.value_max", "data.min_operands",
+    "data.base_train_examples", "data.composition_train_examples", "data.eval_examples",
+    "train.max_steps", "train.batch_size", "train.log_every", "eval.batch_size", "eval.max_new_tokens",
+    "checkpoint.keep", "parallel.anchor_ranks", "parallel.augment_stages", "parallel.min_anchor_ranks",
+)
+_NON_NEGATIVE = (
+    "run.seed", "run.threads", "train.warmup_steps", "train.eval_every", "checkpoint.every_steps",
+    "train.weight_decay", "train.grad_clip",
+)
+
+
+def _get(config: Config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"config key '{key}': {message}")
+
+
+def _validate_base(config: BaseModelConfig, side: str) -> None:
+    model, optim = config.model, config.pretrain
+    _require(model.arch in SUPPORTED_ARCHS, f"{side}.model.arch", f"{model.arch!r} is not one of {SUPPORTED_ARCHS}")
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _require(getattr(model, name) > 0, f"{side}.model.{name}", "must be > 0")
+    _require(model.hidden_size % model.num_heads == 0, f"{side}.model.hidden_size",
+             f"{model.hidden_size} must be divisible by num_heads={model.num_heads}")
+    for name in ("steps", "batch_size"):
+        _require(getattr(optim, name) > 0, f"{side}.pretrain.{name}", "must be > 0")
+    _require(optim.lr > 0, f"{side}.pretrain.lr", "must be > 0")
+
+
+def validate(config: Config) -> None:
+    """Value checks that types alone cannot express; raises ValueError naming the key."""
+    for key in _POSITIVE:
+        _require(_get(config, key) > 0, key, f"must be > 0, got {_get(config, key)}")
+    for key in _NON_NEGATIVE:
+        _require(_get(config, key) >= 0, key, f"must be >= 0, got {_get(config, key)}")
+    data = config.data
+    _require(data.key_max_len >= data.key_min_len, "data.key_max_len", "must be >= data.key_min_len")
+    _require(data.max_operands >= data.min_operands, "data.max_operands", "must be >= data.min_operands")
+    _require(0 < data.heldin_fraction < 1, "data.heldin_fraction", "must be in (0, 1)")
+    _require(0 <= data.val_fraction < 1 - data.heldin_fraction, "data.val_fraction",
+             "must be in [0, 1 - heldin_fraction)")
+    _require(config.train.lr > 0, "train.lr", "must be > 0")
+    _require(config.parallel.min_anchor_ranks <= config.parallel.anchor_ranks, "parallel.min_anchor_ranks",
+             "must be <= parallel.anchor_ranks")
+    composition = config.composition
+    _require(composition.every_n is None or composition.connections is None, "composition.connections",
+             "set either composition.every_n or composition.connections, not both")
+    if composition.connections is not None:
+        for index, pair in enumerate(composition.connections):
+            _require(len(pair) == 2, f"composition.connections[{index}]", "expected [augment_layer, anchor_layer]")
+    for side in ("augment", "anchor"):
+        _validate_base(getattr(config, side), side)

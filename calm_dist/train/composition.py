@@ -1,0 +1,112 @@
+"""Composition training (single process) and evaluation of m_A, m_B and CALM."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import data_pipeline as dp
+from calm_dist.config import Config
+from calm_dist.model.composed import CALMModel, compose
+from calm_dist.train.base_models import load_pretrained
+from calm_dist.train.evaluate import calm_generate_fn, exact_match, hf_generate_fn
+from calm_dist.train.loop import OptimSettings, train_loop
+from calm_dist.train.report import MetricsLogger
+from calm_dist.train.task_data import COMPOSITION_TRAIN, EVAL_HELDIN, EVAL_SETS, EVAL_VAL, TaskData, eval_rows
+
+
+def connection_kwargs(config: Config) -> dict:
+    composition = config.composition
+    if composition.connections is not None:
+        return {"connections": [tuple(pair) for pair in composition.connections]}
+    return {"every_n": composition.every_n if composition.every_n is not None else 4}
+
+
+def _check_vocabulary(model, side: str, task_data: TaskData) -> None:
+    size = model.config.get_text_config().vocab_size
+    if size != task_data.vocab_size:
+        raise ValueError(
+            f"{side}.model.path: the model has a vocabulary of {size} tokens but the task tokenizer "
+            f"({task_data.tokenizer_dir}) has {task_data.vocab_size}; use a model trained with that tokenizer"
+        )
+
+
+def build_composed(config: Config, model_dirs: dict[str, Path], task_data: TaskData) -> CALMModel:
+    anchor = load_pretrained(model_dirs["anchor"], "anchor")
+    augment = load_pretrained(model_dirs["augment"], "augment")
+    _check_vocabulary(anchor, "anchor", task_data)
+    _check_vocabulary(augment, "augment", task_data)
+    torch.manual_seed(config.run.seed + 4)
+    return compose(anchor, augment, **connection_kwargs(config))
+
+
+def composition_reader(config: Config, task_data: TaskData, rank: int = 0, world_size: int = 1):
+    return dp.ShardedReader(task_data.directory, COMPOSITION_TRAIN, config.train.batch_size, rank=rank,
+                            world_size=world_size, seed=config.run.seed + 3,
+                            pad_id=task_data.special_ids["pad_token_id"])
+
+
+class Evaluator:
+    """Exact-match accuracy of any model on the job's evaluation splits."""
+
+    def __init__(self, config: Config, task_data: TaskData, show_progress: bool = True):
+        self.config, self.task_data, self.show_progress = config, task_data, show_progress
+        self.pad, self.eos = task_data.special_ids["pad_token_id"], task_data.special_ids["eos_token_id"]
+        self._rows: dict[str, tuple] = {}
+
+    def accuracy(self, generate, split: str, label: str) -> float:
+        if split not in self._rows:
+            self._rows[split] = eval_rows(self.task_data, split)
+        prompts, answers = self._rows[split]
+        return exact_match(generate, prompts, answers, pad_id=self.pad, eos_id=self.eos,
+                           batch_size=self.config.eval.batch_size, max_new_tokens=self.config.eval.max_new_tokens,
+                           description=f"eval {label} {split}", show_progress=self.show_progress)
+
+    def table(self, model: CALMModel) -> dict:
+        generators = {
+            "m_A": hf_generate_fn(model.augment, self.pad, self.eos),
+            "m_B": hf_generate_fn(model.anchor, self.pad, self.eos),
+            "calm": calm_generate_fn(model, self.pad, self.eos),
+        }
+        results = {row: {task: self.accuracy(fn, split, row) for task, split in EVAL_SETS.items()}
+                   for row, fn in generators.items()}
+        results["calm_heldin_keys"] = {"kv_arithmetic": self.accuracy(generators["calm"], EVAL_HELDIN, "calm")}
+        return results
+
+    def has_validation(self) -> bool:
+        return EVAL_VAL in self.task_data.manifest["splits"]
+
+    def validation(self, model: CALMModel) -> float:
+        split = EVAL_VAL if self.has_validation() else EVAL_HELDIN
+        return self.accuracy(calm_generate_fn(model, self.pad, self.eos), split, "calm")
+
+
+def train_composition(model: CALMModel, config: Config, task_data: TaskData, logger: MetricsLogger,
+                      evaluator: Evaluator | None = None) -> list[tuple[int, float]]:
+    """Trains the bridges on D_C; logs one record per optimizer step."""
+    reader = composition_reader(config, task_data)
+    tokens_per_step = [0]
+    curve: list[tuple[int, float]] = []
+    started = time.perf_counter()
+
+    def loss_fn(batch):
+        tokens_per_step[0] = int(batch["attention_mask"].sum())
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_per_step[0],
+                  "elapsed_s": round(time.perf_counter() - started, 3)}
+        every = config.train.eval_every
+        if evaluator is not None and every and step % every == 0 and step < config.train.max_steps:
+            model.eval()
+            record["val_kv_arithmetic"] = evaluator.validation(model)
+            model.train()
+        logger.log(record)
+        curve.append((step, loss))
+
+    model.train()
+    train_loop(loss_fn, model.trainable_parameters(), reader, OptimSettings.of(config.train),
+               description="composition (CALM)", on_step=on_step)
+    model.eval()
+    return curve

@@ -1,0 +1,81 @@
+"""The default job end to end: data -> base models -> composition -> evaluation -> report."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from calm_dist.config import Config, to_dict
+from calm_dist.train.base_models import weights_checksum
+from calm_dist.train.composition import Evaluator, build_composed, train_composition
+from calm_dist.train.pretrain import ensure_base_models, pretrain_summary
+from calm_dist.train.report import MetricsLogger, format_table, plot_losses, read_jsonl, write_json_atomically
+from calm_dist.train.task_data import prepare_task_data
+
+
+def make_run_dir(config: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return run_dir
+
+
+def _base_curves(model_dirs: dict[str, Path]) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for side, label in (("augment", "m_A pretraining"), ("anchor", "m_B pretraining")):
+        info_path = model_dirs[side] / "calm_dist_base.json"
+        log = json.loads(info_path.read_text()).get("log", []) if info_path.is_file() else []
+        curves[label] = [(r["step"], r["loss"]) for r in log]
+    return curves
+
+
+def run_job(config: Config) -> Path:
+    """Runs the whole job in this process and returns the run directory."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    run_dir = make_run_dir(config)
+    print(f"run directory: {run_dir}", flush=True)
+
+    task_data = prepare_task_data(config)
+    timings["data_s"] = time.perf_counter() - started
+    model_dirs = ensure_base_models(config, task_data)
+    timings["base_models_s"] = time.perf_counter() - started - sum(timings.values())
+
+    model = build_composed(config, model_dirs, task_data)
+    evaluator = Evaluator(config, task_data)
+    logger = MetricsLogger(run_dir)
+    try:
+        curve = train_composition(model, config, task_data, logger, evaluator)
+    finally:
+        logger.close()
+    torch.save(model.composition_state_dict(), run_dir / "composition.pt")
+    timings["composition_s"] = time.perf_counter() - started - sum(timings.values())
+
+    results = evaluator.table(model)
+    timings["evaluation_s"] = time.perf_counter() - started - sum(timings.values())
+    timings["total_s"] = time.perf_counter() - started
+    write_json_atomically(run_dir / "results.json", results)
+    summary = {
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "base_models": {side: {"path": str(path), "sha256": weights_checksum(path), **pretrain_summary(path)}
+                        for side, path in model_dirs.items()},
+        "composition_parameters": sum(p.numel() for p in model.trainable_parameters()),
+        "connections": model.connections,
+        "data": str(task_data.directory),
+    }
+    write_json_atomically(run_dir / "run_summary.json", summary)
+    plot_losses({**_base_curves(model_dirs), "composition": curve}, run_dir / "loss_curves.png")
+    print(format_table(results), flush=True)
+    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items()), flush=True)
+    return run_dir

@@ -1,0 +1,79 @@
+"""What a run leaves behind: metrics.jsonl, TensorBoard events, results.json, a loss-curve PNG."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ROWS = ("m_A", "m_B", "calm")
+COLUMNS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
+
+
+def write_json_atomically(path: Path, payload) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)
+
+
+class MetricsLogger:
+    """One JSON object per optimizer step in metrics.jsonl, mirrored to TensorBoard."""
+
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / filename
+        self._file = open(self.path, "a", buffering=1)
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        self._writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for axis, (title, points) in zip(axes[0], curves.items()):
+        if points:
+            steps, losses = zip(*points)
+            axis.plot(steps, losses, linewidth=1)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def format_table(results: dict) -> str:
+    """The paper's table shape: accuracy % per model and task."""
+    header = f"| {'model':<20} | " + " | ".join(f"{c:>18}" for c in COLUMNS) + " |"
+    lines = [header, "|" + "-" * 22 + "|" + ("-" * 20 + "|") * len(COLUMNS)]
+    names = {"m_A": "m_A (augment)", "m_B": "m_B (anchor)", "calm": "CALM m_A+m_B",
+             "calm_heldin_keys": "CALM, held-in keys"}
+    for row, label in names.items():
+        if row not in results:
+            continue
+        cells = [results[row].get(column) for column in COLUMNS]
+        text = [f"{c:>18.1f}" if isinstance(c, (int, float)) else f"{'-':>18}" for c in cells]
+        lines.append(f"| {label:<20} | " + " | ".join(text) + " |")
+    return "\n".join(lines)

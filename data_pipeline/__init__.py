@@ -1,0 +1,67 @@
+"""Synthetic KV-arithmetic data: tasks, tokenizer, Arrow shards + manifest, sharded reader."""
+
+from .reader import ShardedReader, collate_prompts, collate_rows, epoch_order, pad_batch
+from .shards import (
+    IGNORE_INDEX,
+    SCHEMA_VERSION,
+    load_manifest,
+    load_split,
+    tokenize_examples,
+    validate_rows,
+    write_dataset,
+)
+from .tasks import (
+    TASKS,
+    KeySplit,
+    evaluate,
+    expression_space_size,
+    format_example,
+    make_examples,
+    make_keys,
+    make_train_eval,
+    number_token_range,
+    split_keys,
+)
+from .tokenizer import (
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    build_vocab,
+    encode_many,
+    encode_words,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SCHEMA_VERSION",
+    "SPECIAL_TOKENS",
+    "TASKS",
+    "KeySplit",
+    "ShardedReader",
+    "build_tokenizer",
+    "build_vocab",
+    "collate_prompts",
+    "collate_rows",
+    "encode_many",
+    "encode_words",
+    "epoch_order",
+    "evaluate",
+    "expression_space_size",
+    "format_example",
+    "load_manifest",
+    "load_split",
+    "load_tokenizer",
+    "make_examples",
+    "make_keys",
+    "make_train_eval",
+    "number_token_range",
+    "pad_batch",
+    "save_tokenizer",
+    "split_keys",
+    "tokenize_examples",
+    "tokenizer_hash",
+    "validate_rows",
+    "write_dataset",
+]

@@ -1,0 +1,161 @@
+"""Invariants of the single-device composed model, for every tested architecture pair."""
+import copy
+
+import pytest
+import torch
+
+import calm_dist
+from calm_dist.model.loss import per_example_loss
+from tests.tiny_models import EOS, PAD, PAIRS, random_ids, randomise_bridges, tiny_model, tiny_pair
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("anchor_arch,augment_arch", PAIRS)
+def test_composed_equals_anchor_at_init(anchor_arch, augment_arch):
+    reference = tiny_model(anchor_arch, hidden=48, layers=3, heads=6, seed=1)
+    model = tiny_pair(anchor_arch, augment_arch)
+    ids = random_ids(3, 9)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        composed = model(ids).logits
+    assert (composed - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("anchor_arch,augment_arch", PAIRS)
+def test_no_leak_from_future_tokens(anchor_arch, augment_arch):
+    model = tiny_pair(anchor_arch, augment_arch)
+    randomise_bridges(model)
+    ids = random_ids(2, 10)
+    changed = ids.clone()
+    t = 5
+    changed[:, t + 1:] = random_ids(2, 10, seed=7)[:, t + 1:]
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    assert (before[:, : t + 1] - after[:, : t + 1]).abs().max().item() == 0.0
+    assert (before[:, t + 1:] - after[:, t + 1:]).abs().max().item() > 0  # the test can see a change
+
+
+@pytest.mark.parametrize("anchor_arch,augment_arch", PAIRS)
+def test_bridges_change_the_output_once_trained(anchor_arch, augment_arch):
+    reference = tiny_model(anchor_arch, hidden=48, layers=3, heads=6, seed=1)
+    model = tiny_pair(anchor_arch, augment_arch)
+    randomise_bridges(model)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        assert (model(ids).logits - reference(input_ids=ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("anchor_arch,augment_arch", PAIRS)
+def test_cached_generation_equals_full_recomputation(anchor_arch, augment_arch):
+    model = tiny_pair(anchor_arch, augment_arch)
+    randomise_bridges(model)
+    ids = random_ids(3, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, use_cache=False)
+    assert cached.shape == (3, 16)
+    assert torch.equal(cached, full)
+
+
+def test_generation_stops_rows_at_eos_and_pads_them():
+    model = tiny_pair("llama", "llama")
+    randomise_bridges(model)
+    ids = random_ids(4, 5)
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=None)[:, 5:]
+    eos = int(free[0, 1])  # pretend the second generated token of row 0 is EOS
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=PAD)[:, 5:]
+    first = (free[0] == eos).nonzero()[0].item()
+    assert torch.equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first + 1:] == PAD).all()
+
+
+@pytest.mark.parametrize("anchor_arch,augment_arch", [("llama", "gpt2"), ("gpt_neox", "qwen2")])
+def test_only_composition_parameters_get_gradients(anchor_arch, augment_arch):
+    model = tiny_pair(anchor_arch, augment_arch)
+    randomise_bridges(model)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("bridges.")}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    for step in range(3):
+        ids = random_ids(2, 8, seed=step)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+        assert with_grad == {name for name, _ in model.bridges.named_parameters(prefix="bridges")}
+        optimizer.step()
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+            assert not parameter.requires_grad
+    assert not model.anchor.training and not model.augment.training
+    assert model.bridges.training
+
+
+def _pad(ids, lengths, side):
+    width = max(lengths)
+    out = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        out[row, span], mask[row, span] = ids[row, :n], 1
+    return out, mask
+
+
+@pytest.mark.parametrize("anchor_arch,augment_arch", PAIRS)
+def test_left_and_right_padding_agree(anchor_arch, augment_arch):
+    model = tiny_pair(anchor_arch, augment_arch)
+    randomise_bridges(model)
+    ids, lengths = random_ids(3, 9), [9, 5, 7]
+    results = {}
+    for side in ("left", "right"):
+        padded, mask = _pad(ids, lengths, side)
+        labels = padded.masked_fill(mask == 0, -100)
+        with torch.no_grad():
+            losses = per_example_loss(model(padded, attention_mask=mask).logits, labels, mask)
+        generated = model.generate(padded, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+        results[side] = (losses, generated[:, -5:])
+    torch.testing.assert_close(results["left"][0], results["right"][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(results["left"][1], results["right"][1])
+    for row, n in enumerate(lengths):  # and each row alone, unpadded
+        alone = model.generate(ids[row:row + 1, :n], max_new_tokens=5, eos_token_id=None)[:, -5:]
+        assert torch.equal(alone[0], results["left"][1][row])
+
+
+def test_every_n_connections_follow_the_paper():
+    anchor, augment = tiny_model("llama", 48, 8, 6, seed=1), tiny_model("llama", 32, 8, 4, seed=2)
+    model = calm_dist.compose(anchor, augment, every_n=4)
+    assert model.connections == [(3, 3), (7, 7)]
+    assert model.tapped_layers == [3, 7]
+    assert len(model.bridges) == 2
+
+
+def test_many_to_one_and_one_to_many_connections():
+    model = tiny_pair("llama", "llama", connections=[(0, 1), (2, 1), (3, 0), (3, 2)])
+    randomise_bridges(model)
+    ids = random_ids(2, 7)
+    cached = model.generate(ids, max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(cached, model.generate(ids, max_new_tokens=4, eos_token_id=None, use_cache=False))
+
+
+def test_composition_state_dict_holds_only_bridges_and_round_trips():
+    model = tiny_pair("llama", "gpt2")
+    randomise_bridges(model)
+    state = copy.deepcopy(model.composition_state_dict())
+    assert all(key.startswith("bridges.") for key in state)
+    assert sum(t.numel() for t in state.values()) == sum(p.numel() for p in model.trainable_parameters())
+    other = tiny_pair("llama", "gpt2")
+    other.load_composition_state_dict(state)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, other(ids).logits)
+
+
+def test_bridge_projects_augment_width_to_anchor_width_with_anchor_heads():
+    model = tiny_pair("llama", "gpt2")
+    bridge = model.bridges[0]
+    assert bridge.proj.in_features == 32 and bridge.proj.out_features == 48
+    assert bridge.num_heads == 6
+    assert torch.count_nonzero(tiny_pair("llama", "gpt2").bridges[0].o_proj.weight) == 0
