@@ -106,7 +106,7 @@ class Repeats:
 
 
 DEFAULT_REPEATS = Repeats(train_warmup=5, train=40, gen_warmup=1, gen=10)
-QUICK_REPEATS = Repeats(train_warmup=1, train=3, gen_warmup=0, gen=1)
+QUICK_REPEATS = Repeats(train_warmup=1, train=3, gen_warmup=1, gen=1)
 
 
 def log(message: str) -> None:

@@ -35,6 +35,11 @@ class DataConfig:
     val_fraction: float = 0.0
     base_train_examples: int = 60000  # per base-model task
     composition_train_examples: int = 60000
+    # m_A's KV-Substitution data: probability that an operand is a number literal (which
+    # substitutes to itself), so m_A reads numbers and keys alike as values. Never arithmetic.
+    augment_number_operand_prob: float = 0.0
+    # Fraction of D_C that is plain Numeric-Arithmetic (0 = the paper's D_C, KV-Arithmetic only).
+    composition_numeric_fraction: float = 0.0
     eval_examples: int = 400  # per evaluation set
 
 
@@ -68,6 +73,7 @@ class BaseModelConfig:
 class CompositionConfig:
     every_n: int | None = None
     connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]
+    relative_scale: bool = False  # bridge output scaled by the anchor's per-token RMS (see README)
 
 
 @dataclass
@@ -99,6 +105,19 @@ class ParallelConfig:
     anchor_ranks: int = 1
     augment_stages: int = 1
     min_anchor_ranks: int = 1
+    backend: str = "auto"  # auto = nccl with CUDA, else gloo
+    wire_dtype: str = "float32"  # dtype of activations on the wire: float32 or bfloat16
+    pipeline_depth: int = 4  # micro-batches the augment pipeline may run ahead of the anchor
+    timeout_s: int = 300  # a rank that waits longer than this on a peer fails (no hangs)
+
+
+@dataclass
+class DeepSpeedConfig:
+    bf16: bool = False
+    param_persistence_threshold: int = 100000  # anchor params smaller than this are not partitioned
+    prefetch_bucket_size: int = 50000000
+    max_live_parameters: int = 1000000000
+    activation_checkpointing: bool = False  # recompute anchor layers in backward
 
 
 @dataclass
@@ -112,6 +131,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -134,6 +154,11 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         return [_check_value(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "3e-3" as a string
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool):
         if type(value) is not annotation:
             raise ValueError(
@@ -208,10 +233,12 @@ _POSITIVE = (
     "data.base_train_examples", "data.composition_train_examples", "data.eval_examples",
     "train.max_steps", "train.batch_size", "train.log_every", "eval.batch_size", "eval.max_new_tokens",
     "checkpoint.keep", "parallel.anchor_ranks", "parallel.augment_stages", "parallel.min_anchor_ranks",
+    "parallel.pipeline_depth", "parallel.timeout_s",
 )
 _NON_NEGATIVE = (
     "run.seed", "run.threads", "train.warmup_steps", "train.eval_every", "checkpoint.every_steps",
-    "train.weight_decay", "train.grad_clip",
+    "train.weight_decay", "train.grad_clip", "deepspeed.param_persistence_threshold",
+    "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters",
 )
 
 
@@ -251,9 +278,14 @@ def validate(config: Config) -> None:
     _require(0 < data.heldin_fraction < 1, "data.heldin_fraction", "must be in (0, 1)")
     _require(0 <= data.val_fraction < 1 - data.heldin_fraction, "data.val_fraction",
              "must be in [0, 1 - heldin_fraction)")
+    _require(0 <= data.augment_number_operand_prob <= 1, "data.augment_number_operand_prob", "must be in [0, 1]")
+    _require(0 <= data.composition_numeric_fraction < 1, "data.composition_numeric_fraction", "must be in [0, 1)")
     _require(config.train.lr > 0, "train.lr", "must be > 0")
     _require(config.parallel.min_anchor_ranks <= config.parallel.anchor_ranks, "parallel.min_anchor_ranks",
              "must be <= parallel.anchor_ranks")
+    _require(config.parallel.backend in ("auto", "gloo", "nccl"), "parallel.backend", "must be auto, gloo or nccl")
+    _require(config.parallel.wire_dtype in ("float32", "bfloat16"), "parallel.wire_dtype",
+             "must be float32 or bfloat16")
     composition = config.composition
     _require(composition.every_n is None or composition.connections is None, "composition.connections",
              "set either composition.every_n or composition.connections, not both")

@@ -278,3 +278,34 @@ def make_train_eval(
         **common,
     )
     return train, evaluation
+
+
+def make_mixed_substitution(
+    n: int,
+    *,
+    seed: int,
+    value_max: int,
+    keys: Mapping[str, int],
+    number_prob: float,
+    min_operands: int = 2,
+    max_operands: int = 3,
+) -> list[dict[str, str]]:
+    """KV-Substitution where each operand is a number literal with probability ``number_prob``.
+
+    A number substitutes to itself (``"qz + 7 =" -> "10 + 7"``), so a model trained on this reads
+    numbers and keys alike as values, without ever seeing arithmetic.
+    """
+    _check_task_args("kv_substitution", keys, value_max, min_operands, max_operands)
+    if not 0.0 <= number_prob <= 1.0:
+        raise ValueError(f"number_prob must be in [0, 1], got {number_prob}")
+    rng = random.Random(f"mixed_substitution:{seed}")
+    key_pool = list(keys)
+    examples = []
+    for _ in range(n):
+        count = rng.randint(min_operands, max_operands)
+        operands = [str(rng.randint(0, value_max)) if rng.random() < number_prob else rng.choice(key_pool)
+                    for _ in range(count)]
+        ops = [rng.choice(OPERATORS) for _ in range(count - 1)]
+        values = [int(o) if o.lstrip("-").isdigit() else keys[o] for o in operands]
+        examples.append({"prompt": _layout(operands, ops) + " =", "answer": _layout(values, ops)})
+    return examples

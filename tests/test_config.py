@@ -31,8 +31,9 @@ def test_dotted_overrides_reach_the_tree():
     assert config.anchor.model.arch == "gpt2"
 
 
-def test_ints_are_accepted_for_floats():
+def test_ints_and_exponent_strings_are_accepted_for_floats():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    assert load_config(None, ["train.lr=3e-3"]).train.lr == 0.003
 
 
 @pytest.mark.parametrize("override,needle", [

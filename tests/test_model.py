@@ -159,3 +159,27 @@ def test_bridge_projects_augment_width_to_anchor_width_with_anchor_heads():
     assert bridge.proj.in_features == 32 and bridge.proj.out_features == 48
     assert bridge.num_heads == 6
     assert torch.count_nonzero(tiny_pair("llama", "gpt2").bridges[0].o_proj.weight) == 0
+
+
+@pytest.mark.parametrize("augment_arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_augment_taps_are_the_raw_layer_outputs(augment_arch):
+    reference = tiny_model(augment_arch, hidden=32, layers=4, heads=4, seed=2)
+    model = tiny_pair("llama", augment_arch, connections=[(0, 0), (2, 1)])
+    ids = random_ids(2, 7)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = reference.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+        taps = model.augment_hidden_states(ids, mask, torch.arange(7)[None].expand(2, -1))
+    assert torch.allclose(taps[0], hidden[1], atol=1e-6) and torch.allclose(taps[1], hidden[3], atol=1e-6)
+
+
+def test_augment_layers_above_the_deepest_tap_do_not_run():
+    model = tiny_pair("llama", "llama", connections=[(1, 0)])
+
+    class Boom(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("layer above the deepest tap ran")
+
+    layers = calm_dist.model.find_decoder_layers(model.augment)
+    layers[3].layer = Boom()
+    model(random_ids(1, 5))

@@ -48,8 +48,9 @@ class CompositionContext:
 
 
 class CrossAttentionBridge(nn.Module):
-    def __init__(self, augment_dim: int, anchor_dim: int, num_heads: int):
+    def __init__(self, augment_dim: int, anchor_dim: int, num_heads: int, relative_scale: bool = False):
         super().__init__()
+        self.relative_scale = relative_scale
         if anchor_dim % num_heads != 0:
             raise ValueError(
                 f"anchor hidden size {anchor_dim} is not divisible by its head count {num_heads}"
@@ -83,4 +84,7 @@ class CrossAttentionBridge(nn.Module):
         attended = attended * context.query_has_key.to(attended.dtype)
         batch, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(attended).to(hidden.dtype)
+        output = self.o_proj(attended)
+        if self.relative_scale:  # residual measured in units of the anchor's own per-token RMS
+            output = output * hidden.float().pow(2).mean(-1, keepdim=True).sqrt().detach().to(output.dtype)
+        return output.to(hidden.dtype)

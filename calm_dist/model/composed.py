@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
 from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, ProjectedKV
 from calm_dist.model.connections import resolve_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
@@ -28,7 +29,8 @@ class CALMModel(nn.Module):
     pipeline of the distributed runtime); they are then passed as ``augment_states``.
     """
 
-    def __init__(self, anchor: nn.Module, augment: nn.Module | None, connections, augment_shape: ModelShape):
+    def __init__(self, anchor: nn.Module, augment: nn.Module | None, connections, augment_shape: ModelShape,
+                 relative_scale: bool = False):
         super().__init__()
         self.anchor = freeze(anchor)
         self.augment = freeze(augment) if augment is not None else None
@@ -36,11 +38,14 @@ class CALMModel(nn.Module):
         self.augment_shape = augment_shape
         self.connections = list(connections)
         self.bridges = nn.ModuleList(
-            CrossAttentionBridge(augment_shape.hidden_size, self.anchor_shape.hidden_size, self.anchor_shape.num_heads)
+            CrossAttentionBridge(augment_shape.hidden_size, self.anchor_shape.hidden_size, self.anchor_shape.num_heads,
+                                 relative_scale)
             for _ in self.connections
         )
         self.bridges.to(next(anchor.parameters()).device)
         wrap_anchor_layers(find_decoder_layers(anchor), self.bridges, self.connections)
+        if augment is not None:
+            wrap_augment_layers(find_decoder_layers(augment))
 
     @property
     def tapped_layers(self) -> list[int]:
@@ -67,18 +72,14 @@ class CALMModel(nn.Module):
 
     @torch.no_grad()
     def augment_hidden_states(self, input_ids, attention_mask, position_ids, cache=None) -> list[torch.Tensor]:
-        """The augment's tapped layer outputs (Hugging Face ``hidden_states[layer + 1]``)."""
+        """The raw outputs of the tapped augment layers; layers above the deepest tap do not run."""
         if self.augment is None:
             raise ValueError("this composed model has no augmenting model: pass augment_states")
-        out = backbone(self.augment)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            output_hidden_states=True,
-        )
-        return [out.hidden_states[layer + 1] for layer in self.tapped_layers]
+        tapped = self.tapped_layers
+        plan = TapPlan(start=0, stop=max(tapped) + 1, record=frozenset(tapped))
+        run_augment(backbone(self.augment), plan, input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, cache=cache)
+        return [plan.outputs[layer] for layer in tapped]
 
     def _context(self, augment_states, attention_mask, past_len, query_len, caches):
         allowed = cross_attention_allowed(attention_mask, past_len, query_len)
@@ -139,17 +140,20 @@ def compose(
     augment: nn.Module,
     every_n: int | None = None,
     connections: Sequence[Sequence[int]] | None = None,
+    relative_scale: bool = False,
 ) -> CALMModel:
     """Compose a frozen anchor (m_B) with a frozen augmenting model (m_A).
 
     ``every_n`` taps every n-th augment layer (default 4) and feeds n-evenly spaced anchor layers;
     ``connections`` gives explicit ``(augment_layer, anchor_layer)`` pairs (0-based; anchor -1 =
-    after the embeddings). The anchor's layers are wrapped in place.
+    after the embeddings). The anchor's layers are wrapped in place. ``relative_scale`` multiplies each
+    bridge's output by the anchor's per-token hidden-state RMS there (detached), so one optimizer step
+    perturbs every layer by a similar fraction; the default is the paper's plain residual.
     """
     anchor_shape, augment_shape = model_shape(anchor), model_shape(augment)
     check_vocabularies(anchor_shape, augment_shape)
     pairs = resolve_connections(augment_shape.num_layers, anchor_shape.num_layers, every_n, connections)
-    return CALMModel(anchor, augment, pairs, augment_shape)
+    return CALMModel(anchor, augment, pairs, augment_shape, relative_scale)
 
 
 def check_vocabularies(anchor_shape: ModelShape, augment_shape: ModelShape) -> None:

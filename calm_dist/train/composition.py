@@ -23,6 +23,10 @@ def connection_kwargs(config: Config) -> dict:
     return {"every_n": composition.every_n if composition.every_n is not None else 4}
 
 
+def compose_kwargs(config: Config) -> dict:
+    return {**connection_kwargs(config), "relative_scale": config.composition.relative_scale}
+
+
 def _check_vocabulary(model, side: str, task_data: TaskData) -> None:
     size = model.config.get_text_config().vocab_size
     if size != task_data.vocab_size:
@@ -38,11 +42,12 @@ def build_composed(config: Config, model_dirs: dict[str, Path], task_data: TaskD
     _check_vocabulary(anchor, "anchor", task_data)
     _check_vocabulary(augment, "augment", task_data)
     torch.manual_seed(config.run.seed + 4)
-    return compose(anchor, augment, **connection_kwargs(config))
+    return compose(anchor, augment, **compose_kwargs(config))
 
 
 def composition_reader(config: Config, task_data: TaskData, rank: int = 0, world_size: int = 1):
-    return dp.ShardedReader(task_data.directory, COMPOSITION_TRAIN, config.train.batch_size, rank=rank,
+    """D_C batches of one anchor rank: its 1/world_size share of each global batch of train.batch_size."""
+    return dp.ShardedReader(task_data.directory, COMPOSITION_TRAIN, config.train.batch_size // world_size, rank=rank,
                             world_size=world_size, seed=config.run.seed + 3,
                             pad_id=task_data.special_ids["pad_token_id"])
 
@@ -77,9 +82,16 @@ class Evaluator:
     def has_validation(self) -> bool:
         return EVAL_VAL in self.task_data.manifest["splits"]
 
-    def validation(self, model: CALMModel) -> float:
+    def tracking(self, model: CALMModel) -> dict:
+        """KV-Arithmetic accuracies logged during training. Only the validation keys (or, without
+        them, held-in keys) may choose anything; held-out keys are logged to watch, never to select."""
+        generate = calm_generate_fn(model, self.pad, self.eos)
         split = EVAL_VAL if self.has_validation() else EVAL_HELDIN
-        return self.accuracy(calm_generate_fn(model, self.pad, self.eos), split, "calm")
+        return {
+            "val_kv_arithmetic" if self.has_validation() else "heldin_kv_arithmetic": self.accuracy(generate, split, "calm"),
+            "heldout_kv_arithmetic": self.accuracy(generate, EVAL_SETS["kv_arithmetic"], "calm"),
+            "numeric_arithmetic": self.accuracy(generate, EVAL_SETS["numeric_arithmetic"], "calm"),
+        }
 
 
 def train_composition(model: CALMModel, config: Config, task_data: TaskData, logger: MetricsLogger,
@@ -100,7 +112,7 @@ def train_composition(model: CALMModel, config: Config, task_data: TaskData, log
         every = config.train.eval_every
         if evaluator is not None and every and step % every == 0 and step < config.train.max_steps:
             model.eval()
-            record["val_kv_arithmetic"] = evaluator.validation(model)
+            record.update(evaluator.tracking(model))
             model.train()
         logger.log(record)
         curve.append((step, loss))

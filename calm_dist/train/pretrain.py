@@ -24,7 +24,7 @@ def model_dir(config: Config, side: str, task_data: TaskData) -> Path:
     base = getattr(config, side)
     if base.model.path:
         return Path(base.model.path)
-    key = cache_key(base, task_data.fingerprint, config.run.seed)
+    key = cache_key(base, task_data.split_fingerprint(SIDES[side]), config.run.seed)
     return Path(config.run.cache_dir) / "models" / f"{side}-{key}"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,31 @@ class TaskData:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
-    @property
-    def fingerprint(self) -> str:
-        return self.directory.name
+    def split_fingerprint(self, split: str) -> str:
+        """Identity of one split's token content (and tokenizer): what a base model was trained on."""
+        digest = hashlib.sha256(self.manifest["tokenizer_hash"].encode())
+        for shard in self.manifest["splits"][split]["shards"]:
+            digest.update((self.directory / shard).read_bytes())
+        return digest.hexdigest()[:16]
 
 
 def fingerprint(config: Config) -> str:
     blob = json.dumps({"data": to_dict(config)["data"], "seed": config.run.seed, "schema": dp.SCHEMA_VERSION},
                       sort_keys=True)
     return "data-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _augment_splits(data, seed: int, keys: dict, split) -> tuple[list, list]:
+    """m_A's KV-Substitution training set (all keys) and its evaluation set (held-out keys, unseen prompts)."""
+    common = dict(value_max=data.value_max, min_operands=data.min_operands, max_operands=data.max_operands)
+    if data.augment_number_operand_prob == 0:
+        return dp.make_train_eval("kv_substitution", data.base_train_examples, data.eval_examples, seed=seed,
+                                  train_keys=keys, eval_keys=split.heldout, **common)
+    train = dp.make_mixed_substitution(data.base_train_examples, seed=seed, keys=keys,
+                                       number_prob=data.augment_number_operand_prob, **common)
+    evaluation = dp.make_examples("kv_substitution", data.eval_examples, seed=seed + 1, keys=split.heldout,
+                                  distinct=True, exclude={e["prompt"] for e in train}, **common)
+    return train, evaluation
 
 
 def _splits(config: Config) -> tuple[dict, dict]:
@@ -59,12 +76,15 @@ def _splits(config: Config) -> tuple[dict, dict]:
     common = dict(value_max=data.value_max, min_operands=data.min_operands, max_operands=data.max_operands)
     n_base, n_dc, n_eval = data.base_train_examples, data.composition_train_examples, data.eval_examples
     splits = {}
-    splits[AUGMENT_TRAIN], splits[EVAL_SETS["kv_substitution"]] = dp.make_train_eval(
-        "kv_substitution", n_base, n_eval, seed=seed, train_keys=keys, eval_keys=split.heldout, **common)
+    splits[AUGMENT_TRAIN], splits[EVAL_SETS["kv_substitution"]] = _augment_splits(data, seed, keys, split)
     splits[ANCHOR_TRAIN], splits[EVAL_SETS["numeric_arithmetic"]] = dp.make_train_eval(
         "numeric_arithmetic", n_base, n_eval, seed=seed + 10, **common)
+    n_numeric = int(round(n_dc * data.composition_numeric_fraction))
     splits[COMPOSITION_TRAIN], splits[EVAL_HELDIN] = dp.make_train_eval(
-        "kv_arithmetic", n_dc, n_eval, seed=seed + 20, train_keys=split.heldin, **common)
+        "kv_arithmetic", n_dc - n_numeric, n_eval, seed=seed + 20, train_keys=split.heldin, **common)
+    if n_numeric:  # plain Numeric examples from m_B's training set: never an evaluation expression
+        rng = random.Random(seed + 21)
+        splits[COMPOSITION_TRAIN] += [rng.choice(splits[ANCHOR_TRAIN]) for _ in range(n_numeric)]
     splits[EVAL_SETS["kv_arithmetic"]] = dp.make_examples(
         "kv_arithmetic", n_eval, seed=seed + 30, keys=split.heldout, distinct=True, **common)
     if split.val:

@@ -1,0 +1,90 @@
+"""The training loop of one anchor rank: receive taps ahead, step the ZeRO-3 engine, report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from calm_dist.distributed.groups import Groups
+from calm_dist.distributed.transport import ActivationReceiver, tag_of
+from calm_dist.model.loss import per_token_loss
+
+
+@dataclass
+class StepReport:
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    step_s: float
+    wait_s: float
+    bytes_received: int
+
+
+def global_token_loss(logits, labels, attention_mask, world: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(loss to backpropagate, this rank's summed token loss, global token count).
+
+    Each rank's loss is its token-loss sum over the *global* token count, times the anchor world
+    size (DeepSpeed averages gradients over ranks), so gradients equal the single-process mean.
+    """
+    losses, valid = per_token_loss(logits, labels, attention_mask)
+    local_sum = (losses * valid).sum()
+    count = valid.sum().to(torch.float64)
+    if world > 1:
+        dist.all_reduce(count)
+    total = int(count.item())
+    return local_sum * world / max(total, 1), local_sum.detach(), total
+
+
+class AnchorWorker:
+    def __init__(self, engine, groups: Groups, reader, receiver: ActivationReceiver, augment_hidden: int):
+        self.engine, self.groups, self.reader, self.receiver = engine, groups, reader, receiver
+        self.augment_hidden = augment_hidden
+        self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+    def _post(self, step: int, batch: dict) -> None:
+        topology, index = self.groups.topology, self.groups.role.index
+        sequence = step * topology.anchor_ranks + index
+        shape = (*batch["input_ids"].shape, self.augment_hidden)
+        for bridge, layer in enumerate(topology.tapped_layers):
+            source = topology.stage_rank(topology.stage_of_layer(layer))
+            self.receiver.post((step, bridge), shape, source, tag_of(sequence, bridge))
+
+    def _states(self, step: int) -> list[torch.Tensor]:
+        count = len(self.groups.topology.tapped_layers)
+        return [self.receiver.wait((step, bridge), self.compute_dtype) for bridge in range(count)]
+
+    def _step(self, batch: dict, states: list[torch.Tensor]) -> tuple[float, int]:
+        device = self.groups.device
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        logits = self.engine(ids, attention_mask=mask, augment_states=states).logits
+        world = self.groups.topology.anchor_ranks
+        loss, local_sum, tokens = global_token_loss(logits, labels, mask, world)
+        self.engine.backward(loss)
+        self.engine.step()
+        if world > 1:
+            dist.all_reduce(local_sum)
+        return float(local_sum) / max(tokens, 1), tokens
+
+    def train(self, steps: range, on_step: Callable[[StepReport], None] | None = None) -> list[float]:
+        losses = []
+        batch = next(self.reader)
+        self._post(steps.start, batch)
+        for step in steps:
+            started = time.perf_counter()
+            next_batch = next(self.reader) if step + 1 < steps.stop else None
+            if next_batch is not None:
+                self._post(step + 1, next_batch)  # receives for the next step are posted ahead
+            states = self._states(step)
+            lr = self.engine.get_lr()[0]
+            loss, tokens = self._step(batch, states)
+            counters = self.receiver.counters.snapshot_and_reset()
+            losses.append(loss)
+            if on_step is not None:
+                on_step(StepReport(step + 1, loss, lr, tokens, time.perf_counter() - started,
+                                   counters["wait_s"], counters["bytes_received"]))
+            batch = next_batch
+        return losses

@@ -1,0 +1,76 @@
+"""Augment pipeline stages: forward only, no_grad, streaming tapped activations to the anchor ranks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calm_dist.distributed.groups import Groups
+from calm_dist.distributed.transport import HIDDEN_SLOT, ActivationReceiver, ActivationSender, tag_of
+from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
+from calm_dist.model.composed import freeze
+from calm_dist.model.layers import backbone, find_decoder_layers
+from calm_dist.model.masks import position_ids_from_mask
+
+
+class AugmentStage:
+    """A contiguous slice of the augmenting model's decoder layers; other layers' weights are dropped."""
+
+    def __init__(self, augment: nn.Module, layers: range, record: set[int]):
+        self.model = freeze(augment)
+        self.backbone = backbone(augment)
+        self.layers, self.record = layers, frozenset(record)
+        decoder = find_decoder_layers(augment)
+        wrap_augment_layers(decoder)
+        for index, wrapped in enumerate(decoder):
+            if index not in layers:
+                wrapped.layer = nn.Module()  # never called: the stage passes its input through
+        self.hidden_size = augment.config.get_text_config().hidden_size
+        self.dtype = next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, inject: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        plan = TapPlan(self.layers.start, self.layers.stop, self.record, inject=inject)
+        position_ids = position_ids_from_mask(attention_mask)
+        if inject is None:
+            run_augment(self.backbone, plan, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids)
+        else:  # the injected hidden state replaces the embeddings at this stage's first layer
+            placeholder = torch.zeros(*input_ids.shape, self.hidden_size, dtype=self.dtype, device=input_ids.device)
+            run_augment(self.backbone, plan, inputs_embeds=placeholder, attention_mask=attention_mask,
+                        position_ids=position_ids)
+        return plan.outputs
+
+
+def stage_records(groups: Groups) -> set[int]:
+    topology, stage = groups.topology, groups.role.index
+    record = {layer for _, layer in topology.taps_of_stage(stage)}
+    if stage < topology.augment_stages - 1:
+        record.add(topology.stage_layers[stage][-1])  # handed to the next stage
+    return record
+
+
+def run_stage(stage: AugmentStage, groups: Groups, readers, steps: range, sender: ActivationSender,
+              hidden_sender: ActivationSender, receiver: ActivationReceiver) -> None:
+    """For every step and every anchor rank's micro-batch: receive, compute, send taps and hidden state."""
+    topology, index = groups.topology, groups.role.index
+    taps = topology.taps_of_stage(index)
+    last_layer = topology.stage_layers[index][-1]
+    has_next = index < topology.augment_stages - 1
+    for step in steps:
+        for anchor_index, reader in enumerate(readers):
+            batch = next(reader)
+            ids = batch["input_ids"].to(groups.device)
+            mask = batch["attention_mask"].to(groups.device)
+            sequence = step * topology.anchor_ranks + anchor_index
+            inject = None
+            if index > 0:
+                shape = (*ids.shape, stage.hidden_size)
+                receiver.post(sequence, shape, topology.stage_rank(index - 1), tag_of(sequence, HIDDEN_SLOT))
+                inject = receiver.wait(sequence, stage.dtype)
+            outputs = stage.forward(ids, mask, inject)
+            for bridge, layer in taps:
+                sender.send(outputs[layer], topology.anchor_rank(anchor_index), tag_of(sequence, bridge))
+            if has_next:
+                hidden_sender.send(outputs[last_layer], topology.stage_rank(index + 1), tag_of(sequence, HIDDEN_SLOT))
+    sender.flush()
+    hidden_sender.flush()

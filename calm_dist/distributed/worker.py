@@ -1,0 +1,114 @@
+"""One rank of a distributed composition run: plan roles, join the groups, run the role's loop.
+
+The same code runs under torchrun (``launcher.train``) and inside Ray actors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from calm_dist.config import Config
+from calm_dist.distributed.groups import Groups, init_groups
+from calm_dist.distributed.topology import ANCHOR, Topology, plan_topology
+from calm_dist.distributed.transport import ActivationReceiver, ActivationSender, wire_dtype
+from calm_dist.model.connections import resolve_connections
+from calm_dist.model.layers import ModelShape, find_decoder_layers
+from calm_dist.train.task_data import TaskData
+
+
+@dataclass
+class RunInputs:
+    """What every rank needs, prepared once before the workers start."""
+
+    config: Config
+    task_data: TaskData
+    model_dirs: dict[str, Path]
+    run_dir: Path | None = None
+
+
+def _shape(path: Path) -> tuple[ModelShape, list[int]]:
+    """A model's shape and the parameter count of each decoder layer, without loading weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    layers = find_decoder_layers(model)
+    text = model.config.get_text_config()
+    shape = ModelShape(len(layers), text.hidden_size, text.num_attention_heads, text.vocab_size)
+    return shape, [sum(p.numel() for p in layer.parameters()) for layer in layers]
+
+
+def plan(inputs: RunInputs, world_size: int) -> tuple[Topology, list[tuple[int, int]], ModelShape]:
+    from calm_dist.train.composition import connection_kwargs
+
+    anchor_shape, _ = _shape(inputs.model_dirs["anchor"])
+    augment_shape, layer_sizes = _shape(inputs.model_dirs["augment"])
+    connections = resolve_connections(augment_shape.num_layers, anchor_shape.num_layers,
+                                      **connection_kwargs(inputs.config))
+    parallel = inputs.config.parallel
+    topology = plan_topology(world_size, parallel.anchor_ranks, parallel.augment_stages, layer_sizes,
+                             [augment for augment, _ in connections])
+    return topology, connections, augment_shape
+
+
+def micro_batch_size(config: Config) -> int:
+    ranks = config.parallel.anchor_ranks
+    if config.train.batch_size % ranks:
+        raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by "
+                         f"parallel.anchor_ranks={ranks} (each anchor rank takes an equal micro-batch)")
+    return config.train.batch_size // ranks
+
+
+def _reader(inputs: RunInputs, anchor_index: int):
+    from calm_dist.train.composition import composition_reader
+
+    return composition_reader(inputs.config, inputs.task_data, rank=anchor_index,
+                              world_size=inputs.config.parallel.anchor_ranks)
+
+
+def run_augment_role(inputs: RunInputs, groups: Groups, steps: range) -> dict:
+    from calm_dist.distributed.augment_pipeline import AugmentStage, run_stage, stage_records
+
+    parallel = inputs.config.parallel
+    augment = AutoModelForCausalLM.from_pretrained(inputs.model_dirs["augment"]).to(groups.device)
+    stage = AugmentStage(augment, groups.topology.stage_layers[groups.role.index], stage_records(groups))
+    readers = [_reader(inputs, index) for index in range(groups.topology.anchor_ranks)]
+    sender = ActivationSender(groups.transport, wire_dtype(parallel.wire_dtype), parallel.pipeline_depth)
+    hidden_sender = ActivationSender(groups.transport, stage.dtype, parallel.pipeline_depth)
+    receiver = ActivationReceiver(groups.transport, stage.dtype, groups.device)
+    run_stage(stage, groups, readers, steps, sender, hidden_sender, receiver)
+    return {"role": groups.role.name, "bytes_sent": sender.counters.bytes_sent}
+
+
+def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shape: ModelShape, steps: range,
+                    on_step=None) -> dict:
+    from calm_dist.distributed.anchor_worker import AnchorWorker
+    from calm_dist.distributed.zero_anchor import build_engine, deepspeed_config, load_partitioned
+    from calm_dist.model.composed import CALMModel
+
+    config = inputs.config
+    micro = micro_batch_size(config)
+    anchor = load_partitioned(inputs.model_dirs["anchor"], deepspeed_config(config, micro))
+    if config.deepspeed.activation_checkpointing:
+        anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(config.run.seed + 4)  # the same bridge initialisation as the single-process model
+    model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale)
+    engine, optimizer, _ = build_engine(model, config, micro)
+    receiver = ActivationReceiver(groups.transport, wire_dtype(config.parallel.wire_dtype), groups.device)
+    worker = AnchorWorker(engine, groups, _reader(inputs, groups.role.index), receiver, augment_shape.hidden_size)
+    losses = worker.train(steps, on_step)
+    return {"role": groups.role.name, "losses": losses, "engine": engine, "optimizer": optimizer, "model": model}
+
+
+def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_step=None) -> dict:
+    topology, connections, augment_shape = plan(inputs, world_size)
+    parallel = inputs.config.parallel
+    groups = init_groups(topology, rank, store, parallel.backend, parallel.timeout_s)
+    steps = range(0, inputs.config.train.max_steps)
+    if groups.role.kind == ANCHOR:
+        from calm_dist.distributed.zero_anchor import init_deepspeed
+
+        init_deepspeed(groups.backend)
+        return run_anchor_role(inputs, groups, connections, augment_shape, steps, on_step)
+    return run_augment_role(inputs, groups, steps)

@@ -1,0 +1,130 @@
+"""The anchor side under DeepSpeed ZeRO-3: partitioned loading, the engine, composition-only optimizer.
+
+The composed model is the plain ``CALMModel`` (no augmenting model: its tapped activations arrive
+over the wire); DeepSpeed partitions the frozen anchor over the anchor ranks and keeps optimizer
+state for the bridges only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from calm_dist.config import Config
+from calm_dist.train.loop import OptimSettings, warmup_cosine
+
+
+def deepspeed_config(config: Config, micro_batch: int) -> dict:
+    ds, train = config.deepspeed, config.train
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": ds.bf16},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": ds.param_persistence_threshold,
+            "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
+            "stage3_max_live_parameters": ds.max_live_parameters,
+        },
+        # torch's AdamW: DeepSpeed's FusedAdam would compile an op at start-up.
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
+                                                  "torch_adam": True}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_deepspeed(backend: str) -> None:
+    """DeepSpeed's communication layer over the anchor group that is already initialised.
+
+    On CPU DeepSpeed would JIT-compile a shared-memory all-reduce op (g++, ~35 s); gloo suffices.
+    """
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch
+
+    ds_torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Parameter name -> safetensors file, for single-file and sharded checkpoints."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}: save the anchor with save_pretrained")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def _model_class(hf_config):
+    import torch._dynamo  # noqa: F401  (imported before zero.Init patches tensor constructors)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+
+
+def load_partitioned(path: str | Path, ds_config: dict):
+    """Build the anchor straight into ZeRO-3 partitions, then fill them one parameter at a time.
+
+    No rank ever holds more than its partitions plus one gathered parameter; only anchor rank 0
+    reads the weight files (DeepSpeed scatters what it reads).
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = Path(path)
+    hf_config = AutoConfig.from_pretrained(path)
+    model_class = _model_class(hf_config)
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    # prevent_arange_dtype_change keeps RoPE buffers at their explicit dtype (entered before zero.Init).
+    # The parameter dtype comes from the config's bf16 section: zero.Init's own ``dtype`` argument is
+    # ignored on accelerators without fp16 (DeepSpeed 0.19 then always picks bf16).
+    with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config), \
+            no_init_weights():
+        model = model_class(hf_config)  # every weight is filled from the checkpoint below
+    model.tie_weights()
+    files = _weight_files(path)
+    reading = dist.get_rank() == 0
+    handles: dict[Path, object] = {}
+    for name, parameter in model.named_parameters():
+        if name not in files:
+            raise ValueError(f"anchor checkpoint {path} has no tensor {name!r}")
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+            if reading:
+                file = files[name]
+                handle = handles.setdefault(file, safe_open(file, "pt"))
+                parameter.data.copy_(handle.get_tensor(name).to(parameter.dtype))
+    handles.clear()
+    return model.eval()
+
+
+def build_engine(model, config: Config, micro_batch: int):
+    """deepspeed.initialize over the composed model; only the bridges reach the optimizer."""
+    import deepspeed
+
+    ds_config = deepspeed_config(config, micro_batch)
+    settings = OptimSettings.of(config.train)
+    schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+        optimizer, lambda step: warmup_cosine(step, settings))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.trainable_parameters(), config=ds_config, lr_scheduler=schedule)
+    return engine, optimizer, scheduler
+
+
+def optimizer_state_numel(optimizer) -> int:
+    """Elements of optimizer state held on this rank (exp_avg + exp_avg_sq over its partitions)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    total = 0
+    for state in inner.state.values():
+        total += sum(value.numel() for value in state.values() if torch.is_tensor(value) and value.dim() > 0)
+    return total

@@ -1,0 +1,33 @@
+"""Running distributed workers in local processes for tests: every rank fails together, nothing hangs."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, target, args, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    result = target(rank, world_size, *args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def spawn(target, world_size: int, args: tuple, out_dir: Path) -> list:
+    """Runs ``target(rank, world_size, *args)`` in ``world_size`` processes; returns each rank's result.
+
+    If any rank raises, the others are terminated and the error is re-raised here.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_entry, args=(world_size, free_port(), target, args, str(out_dir)), nprocs=world_size, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
