@@ -1,6 +1,9 @@
 """python -m launcher.train --config configs/<name>.yaml [--set key=value ...]
 
-Runs the job and prints the run directory as the last line.
+Runs the job and prints the run directory as the last line. Under torchrun
+(`torchrun --nproc_per_node K -m launcher.train ... --set parallel.anchor_ranks=N
+parallel.augment_stages=S`, K = N + S) the composition runs on the distributed runtime:
+ZeRO-3 anchor ranks plus forward-only augment pipeline stages.
 """
 from __future__ import annotations
 
@@ -30,11 +33,21 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from calm_dist.train.job import run_job
+    if launched_by_torchrun():
+        from calm_dist.train.distributed_job import run_torchrun_job
 
-    run_dir = run_job(config)
-    print(run_dir.resolve(), flush=True)
+        run_dir = run_torchrun_job(config)
+    else:
+        from calm_dist.train.job import run_job
+
+        run_dir = run_job(config)
+    if run_dir is not None:
+        print(run_dir.resolve(), flush=True)
     return 0
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 if __name__ == "__main__":

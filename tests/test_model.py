@@ -162,15 +162,16 @@ def test_bridge_projects_augment_width_to_anchor_width_with_anchor_heads():
 
 
 @pytest.mark.parametrize("augment_arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
-def test_augment_taps_are_the_raw_layer_outputs(augment_arch):
+def test_augment_taps_are_the_hf_hidden_states(augment_arch):
     reference = tiny_model(augment_arch, hidden=32, layers=4, heads=4, seed=2)
-    model = tiny_pair("llama", augment_arch, connections=[(0, 0), (2, 1)])
+    model = tiny_pair("llama", augment_arch, connections=[(0, 0), (2, 1), (3, 2)])
     ids = random_ids(2, 7)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         hidden = reference.base_model(input_ids=ids, output_hidden_states=True).hidden_states
         taps = model.augment_hidden_states(ids, mask, torch.arange(7)[None].expand(2, -1))
-    assert torch.allclose(taps[0], hidden[1], atol=1e-6) and torch.allclose(taps[1], hidden[3], atol=1e-6)
+    for tap, layer in zip(taps, (0, 2, 3)):  # the final layer's tap is after the final norm
+        assert torch.allclose(tap, hidden[layer + 1], atol=1e-6)
 
 
 def test_augment_layers_above_the_deepest_tap_do_not_run():

@@ -20,6 +20,7 @@ class AugmentStage:
         self.backbone = backbone(augment)
         self.layers, self.record = layers, frozenset(record)
         decoder = find_decoder_layers(augment)
+        self.final_layer = len(decoder) - 1
         wrap_augment_layers(decoder)
         for index, wrapped in enumerate(decoder):
             if index not in layers:
@@ -29,7 +30,7 @@ class AugmentStage:
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, inject: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        plan = TapPlan(self.layers.start, self.layers.stop, self.record, inject=inject)
+        plan = TapPlan(self.layers.start, self.layers.stop, self.record, self.final_layer, inject=inject)
         position_ids = position_ids_from_mask(attention_mask)
         if inject is None:
             run_augment(self.backbone, plan, input_ids=input_ids, attention_mask=attention_mask,

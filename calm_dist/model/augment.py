@@ -1,6 +1,8 @@
 """The augmenting side: decoder layers wrapped so one forward returns the tapped layer outputs.
 
-A tap is the raw output of an augment decoder layer (before any final norm). The same wrappers let
+A tap is the output of an augment decoder layer, as Hugging Face's ``hidden_states[layer + 1]``: the
+raw layer output, except for the final layer, whose tap is after the model's final norm (the
+backbone's ``last_hidden_state``). The same wrappers let
 a pipeline stage run only its own contiguous slice of layers, with its input injected at the first
 one; layers outside the slice pass their input through untouched.
 """
@@ -19,6 +21,7 @@ class TapPlan:
     start: int
     stop: int
     record: frozenset[int]
+    final_layer: int  # the model's last decoder layer: its tap is taken after the final norm
     inject: torch.Tensor | None = None  # the input of layer ``start`` (pipeline stages after the first)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -58,8 +61,10 @@ def wrap_augment_layers(layers: nn.ModuleList) -> None:
 def run_augment(backbone: nn.Module, plan: TapPlan, *, input_ids=None, inputs_embeds=None,
                 attention_mask=None, position_ids=None, cache=None) -> TapPlan:
     """One forward of the augment backbone under ``plan``; fills ``plan.outputs``."""
-    backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-             position_ids=position_ids, cache=cache, use_cache=cache is not None, calm_taps=plan)
+    output = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, cache=cache, use_cache=cache is not None, calm_taps=plan)
+    if plan.final_layer in plan.outputs:
+        plan.outputs[plan.final_layer] = output.last_hidden_state  # after the final norm, as HF's hidden_states
     missing = plan.record - set(plan.outputs)
     assert not missing, f"augment layers {sorted(missing)} did not run"
     return plan

@@ -72,11 +72,11 @@ class CALMModel(nn.Module):
 
     @torch.no_grad()
     def augment_hidden_states(self, input_ids, attention_mask, position_ids, cache=None) -> list[torch.Tensor]:
-        """The raw outputs of the tapped augment layers; layers above the deepest tap do not run."""
+        """The tapped augment layers' outputs (see ``augment.py``); layers above the deepest tap do not run."""
         if self.augment is None:
             raise ValueError("this composed model has no augmenting model: pass augment_states")
         tapped = self.tapped_layers
-        plan = TapPlan(start=0, stop=max(tapped) + 1, record=frozenset(tapped))
+        plan = TapPlan(0, max(tapped) + 1, frozenset(tapped), self.augment_shape.num_layers - 1)
         run_augment(backbone(self.augment), plan, input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids, cache=cache)
         return [plan.outputs[layer] for layer in tapped]

@@ -38,44 +38,67 @@ def _base_curves(model_dirs: dict[str, Path]) -> dict[str, list[tuple[int, float
     return curves
 
 
-def run_job(config: Config) -> Path:
-    """Runs the whole job in this process and returns the run directory."""
+class Timer:
+    """Wall time of each phase of a run, in order."""
+
+    def __init__(self):
+        self.started = self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[f"{phase}_s"] = now - self._last
+        self._last = now
+
+    def summary(self) -> dict:
+        return {**{k: round(v, 1) for k, v in self.phases.items()},
+                "total_s": round(time.perf_counter() - self.started, 1)}
+
+
+def prepare_run(config: Config, timer: Timer):
+    """Run directory, data and base models: everything the composition needs, before any worker."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
     run_dir = make_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
-
     task_data = prepare_task_data(config)
-    timings["data_s"] = time.perf_counter() - started
+    timer.mark("data")
     model_dirs = ensure_base_models(config, task_data)
-    timings["base_models_s"] = time.perf_counter() - started - sum(timings.values())
+    timer.mark("base_models")
+    return run_dir, task_data, model_dirs
 
-    model = build_composed(config, model_dirs, task_data)
-    evaluator = Evaluator(config, task_data)
-    logger = MetricsLogger(run_dir)
-    try:
-        curve = train_composition(model, config, task_data, logger, evaluator)
-    finally:
-        logger.close()
+
+def finish_run(config: Config, model, task_data, model_dirs, run_dir: Path, curve, timer: Timer, extra=None) -> Path:
+    """Evaluates m_A, m_B and CALM; writes results.json, run_summary.json and the loss curves."""
     torch.save(model.composition_state_dict(), run_dir / "composition.pt")
-    timings["composition_s"] = time.perf_counter() - started - sum(timings.values())
-
-    results = evaluator.table(model)
-    timings["evaluation_s"] = time.perf_counter() - started - sum(timings.values())
-    timings["total_s"] = time.perf_counter() - started
+    results = Evaluator(config, task_data).table(model)
+    timer.mark("evaluation")
     write_json_atomically(run_dir / "results.json", results)
     summary = {
-        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "timings": timer.summary(),
         "base_models": {side: {"path": str(path), "sha256": weights_checksum(path), **pretrain_summary(path)}
                         for side, path in model_dirs.items()},
         "composition_parameters": sum(p.numel() for p in model.trainable_parameters()),
         "connections": model.connections,
         "data": str(task_data.directory),
+        **(extra or {}),
     }
     write_json_atomically(run_dir / "run_summary.json", summary)
     plot_losses({**_base_curves(model_dirs), "composition": curve}, run_dir / "loss_curves.png")
     print(format_table(results), flush=True)
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items()), flush=True)
     return run_dir
+
+
+def run_job(config: Config) -> Path:
+    """Runs the whole job in this process and returns the run directory."""
+    timer = Timer()
+    run_dir, task_data, model_dirs = prepare_run(config, timer)
+    model = build_composed(config, model_dirs, task_data)
+    logger = MetricsLogger(run_dir)
+    try:
+        curve = train_composition(model, config, task_data, logger, Evaluator(config, task_data))
+    finally:
+        logger.close()
+    timer.mark("composition")
+    return finish_run(config, model, task_data, model_dirs, run_dir, curve, timer)

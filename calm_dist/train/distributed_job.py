@@ -1,0 +1,106 @@
+"""The composition stage on the distributed runtime, launched by torchrun (and reused by Ray).
+
+Launch rank 0 (anchor rank 0) prepares data and base models and publishes them in the rendezvous
+store; every rank then runs its role; anchor rank 0 logs metrics, consolidates the bridges and
+evaluates in one process.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from calm_dist.config import Config
+from calm_dist.distributed.anchor_worker import StepReport
+from calm_dist.distributed.groups import env_store
+from calm_dist.distributed.worker import RunInputs, run_worker
+from calm_dist.train.report import MetricsLogger
+from calm_dist.train.task_data import TaskData
+
+_INPUTS_KEY = "calm/run_inputs"
+
+
+def _publish(store, run_dir: Path, task_data: TaskData, model_dirs: dict[str, Path]) -> None:
+    payload = {"run_dir": str(run_dir), "data": str(task_data.directory),
+               "model_dirs": {side: str(path) for side, path in model_dirs.items()}}
+    store.set(_INPUTS_KEY, json.dumps(payload))
+
+
+def _receive(store, config: Config) -> RunInputs:
+    import data_pipeline as dp
+
+    store.wait([_INPUTS_KEY], datetime.timedelta(hours=2))  # rank 0 may be pretraining the base models
+    payload = json.loads(store.get(_INPUTS_KEY))
+    data_dir = Path(payload["data"])
+    task_data = TaskData(data_dir, dp.load_manifest(data_dir, check_rows=False))
+    return RunInputs(config, task_data, {k: Path(v) for k, v in payload["model_dirs"].items()}, Path(payload["run_dir"]))
+
+
+class StepLogger:
+    """Anchor rank 0's view of the job: one progress bar and metrics.jsonl / TensorBoard."""
+
+    def __init__(self, run_dir: Path, total_steps: int):
+        self.metrics = MetricsLogger(run_dir)
+        self.bar = tqdm(total=total_steps, desc="composition (distributed)", dynamic_ncols=True)
+        self.curve: list[tuple[int, float]] = []
+
+    def __call__(self, report: StepReport) -> None:
+        record = {"step": report.step, "loss": report.loss, "lr": report.lr, "tokens": report.tokens,
+                  "step_s": round(report.step_s, 4), "tokens_per_s": round(report.tokens / report.step_s, 1),
+                  "anchor_wait_fraction": round(report.wait_s / report.step_s, 4),
+                  "bytes_received": report.bytes_received}
+        self.metrics.log(record)
+        self.curve.append((report.step, report.loss))
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{report.loss:.4f}", wait=f"{record['anchor_wait_fraction']:.0%}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+
+def consolidated_bridges(model) -> dict[str, torch.Tensor]:
+    """Full composition weights gathered from the ZeRO-3 partitions (every anchor rank must call it)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.bridges.parameters())):
+        return {name: tensor.detach().clone().float() for name, tensor in model.composition_state_dict().items()}
+
+
+def evaluate_on_rank_zero(inputs: RunInputs, bridges: dict, curve, timer) -> Path:
+    from calm_dist.train.composition import build_composed
+    from calm_dist.train.job import finish_run
+
+    model = build_composed(inputs.config, inputs.model_dirs, inputs.task_data)
+    model.load_composition_state_dict(bridges)
+    return finish_run(inputs.config, model.eval(), inputs.task_data, inputs.model_dirs, inputs.run_dir, curve, timer)
+
+
+def run_torchrun_job(config: Config) -> Path | None:
+    """Every launched rank calls this; returns the run directory on launch rank 0, else None."""
+    from calm_dist.train.job import Timer, prepare_run
+
+    timer = Timer()
+    store, rank, world_size = env_store(config.parallel.timeout_s)
+    if rank == 0:
+        run_dir, task_data, model_dirs = prepare_run(config, timer)
+        _publish(store, run_dir, task_data, model_dirs)
+        inputs = RunInputs(config, task_data, model_dirs, run_dir)
+    else:
+        inputs = _receive(store, config)
+    logger = StepLogger(inputs.run_dir, config.train.max_steps) if rank == 0 else None
+    try:
+        result = run_worker(inputs, rank, world_size, store, on_step=logger)
+    finally:
+        if logger is not None:
+            logger.close()
+    if "model" not in result:  # an augment stage: done
+        return None
+    bridges = consolidated_bridges(result["model"])
+    if rank != 0:
+        return None
+    timer.mark("composition")
+    return evaluate_on_rank_zero(inputs, bridges, logger.curve, timer)
