@@ -1,6 +1,8 @@
 """Worker functions run by the multi-process tests (importable by spawned processes)."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from calm_dist.distributed.groups import env_store
@@ -25,3 +27,33 @@ def failing_run(rank: int, world_size: int, inputs: RunInputs, failing_rank: int
     if rank == failing_rank:
         raise RuntimeError(f"injected failure on rank {rank}")
     return composition_run(rank, world_size, inputs)
+
+
+def reporting_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
+    """Like composition_run, plus each step's report on anchor ranks."""
+    store, _, _ = env_store(inputs.config.parallel.timeout_s)
+    reports = []
+    result = run_worker(inputs, rank, world_size, store, on_step=reports.append)
+    return {"role": result["role"], "reports": reports, "losses": result.get("losses")}
+
+
+def partition_facts(rank: int, world_size: int, inputs: RunInputs) -> dict:
+    """Anchor-side facts after one step: partition sizes, optimizer state, gathered anchor weights."""
+    import deepspeed
+
+    from calm_dist.distributed.zero_anchor import optimizer_state_numel
+
+    store, _, _ = env_store(inputs.config.parallel.timeout_s)
+    result = run_worker(inputs, rank, world_size, store)
+    if "model" not in result:
+        return {"role": result["role"]}
+    model = result["model"]
+    partitions = {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in model.anchor.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(model.anchor.parameters())):  # names as in the checkpoint
+        weights = {re.sub(r"(layers\.\d+)\.layer\.", r"\1.", name): p.detach().clone()
+                   for name, p in model.anchor.named_parameters()}
+    bridge_numel = sum(p.ds_numel for p in model.bridges.parameters())
+    bridge_partition_numel = sum(p.ds_tensor.numel() for p in model.bridges.parameters())
+    return {"role": result["role"], "partitions": partitions, "weights": weights, "bridge_numel": bridge_numel,
+            "bridge_partition_numel": bridge_partition_numel,
+            "optimizer_numel": optimizer_state_numel(result["optimizer"])}
