@@ -41,7 +41,8 @@ def figure_line(figure: str, value: float, goal: float, better: str, **extra) ->
         raise RuntimeError(f"{figure}: measured value {value!r} is not a finite positive number")
     if better not in ("lower", "higher"):
         raise ValueError(f"better must be 'lower' or 'higher', got {better!r}")
-    return json.dumps({"figure": figure, "value": round(value, 4), "goal": goal, "better": better, **extra})
+    value = float(f"{value:.4g}")  # 4 significant digits: small positive values stay positive
+    return json.dumps({"figure": figure, "value": value, "goal": goal, "better": better, **extra})
 
 
 def median(values) -> float:

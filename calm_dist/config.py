@@ -21,6 +21,8 @@ class RunConfig:
     cache_dir: str = ".cache/calm_dist"
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # ray: composition on Ray workers (a cluster, or an embedded local Ray); local: one process, no Ray
+    launcher: str = "ray"
 
 
 @dataclass
@@ -121,6 +123,19 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class RayConfig:
+    address: str | None = None  # a cluster to join; default: $RAY_ADDRESS, else an embedded local Ray
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    anchor_resources: dict[str, float] = field(default_factory=dict)  # extra per anchor rank, e.g. {anchor: 1}
+    augment_resources: dict[str, float] = field(default_factory=dict)  # extra per augment stage
+    placement_strategy: str = "PACK"  # PACK fills a node before using the next; SPREAD, STRICT_SPREAD, ...
+    placement_timeout_s: int = 120
+    dashboard_host: str = "127.0.0.1"
+    embedded_dashboard: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +147,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -147,6 +163,12 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             except ValueError as error:
                 errors.append(str(error))
         raise ValueError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}': expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_check_value(f"{key}.{k}", k, key_type): _check_value(f"{key}.{k}", v, value_type)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key '{key}': expected a list, got {value!r}")
@@ -286,6 +308,11 @@ def validate(config: Config) -> None:
     _require(config.parallel.backend in ("auto", "gloo", "nccl"), "parallel.backend", "must be auto, gloo or nccl")
     _require(config.parallel.wire_dtype in ("float32", "bfloat16"), "parallel.wire_dtype",
              "must be float32 or bfloat16")
+    _require(config.run.launcher in ("ray", "local"), "run.launcher", "must be ray or local")
+    _require(config.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+             "ray.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    _require(config.ray.cpus_per_worker >= 0 and config.ray.gpus_per_worker >= 0, "ray.cpus_per_worker",
+             "resources per worker must be >= 0")
     composition = config.composition
     _require(composition.every_n is None or composition.connections is None, "composition.connections",
              "set either composition.every_n or composition.connections, not both")

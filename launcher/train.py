@@ -1,6 +1,8 @@
 """python -m launcher.train --config configs/<name>.yaml [--set key=value ...]
 
-Runs the job and prints the run directory as the last line. Under torchrun
+Runs the job and prints the run directory as the last line. By default the composition runs on Ray
+workers: on the cluster named by $RAY_ADDRESS (as `ray job submit` sets it) or on an embedded local
+Ray; `--set run.launcher=local` runs it in this one process. Under torchrun
 (`torchrun --nproc_per_node K -m launcher.train ... --set parallel.anchor_ranks=N
 parallel.augment_stages=S`, K = N + S) the composition runs on the distributed runtime:
 ZeRO-3 anchor ranks plus forward-only augment pipeline stages.
@@ -37,6 +39,10 @@ def main(argv=None) -> int:
         from calm_dist.train.distributed_job import run_torchrun_job
 
         run_dir = run_torchrun_job(config)
+    elif config.run.launcher == "ray":
+        from launcher.ray_driver import run_ray_job
+
+        run_dir = run_ray_job(config)
     else:
         from calm_dist.train.job import run_job
 

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def run_cli(*overrides, cwd=ROOT):
-    command = [sys.executable, "-m", "launcher.train", "--config", "configs/tiny.yaml", "--set", *overrides]
+    command = [sys.executable, "-m", "launcher.train", "--config", "configs/tiny.yaml", "--set", "run.launcher=local",
+               *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
 

@@ -41,10 +41,12 @@ def init_deepspeed(backend: str) -> None:
 
     On CPU DeepSpeed would JIT-compile a shared-memory all-reduce op (g++, ~35 s); gloo suffices.
     """
-    import deepspeed
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
-    ds_torch.build_shm_op = lambda: None
+    import deepspeed
+
+    # Not `import deepspeed.comm.torch as m`: that resolves the package attribute `torch`, i.e. torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend)
 
 

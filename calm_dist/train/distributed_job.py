@@ -70,13 +70,14 @@ def consolidated_bridges(model) -> dict[str, torch.Tensor]:
         return {name: tensor.detach().clone().float() for name, tensor in model.composition_state_dict().items()}
 
 
-def evaluate_on_rank_zero(inputs: RunInputs, bridges: dict, curve, timer) -> Path:
+def evaluate_on_rank_zero(inputs: RunInputs, bridges: dict, curve, timer, extra: dict | None = None) -> Path:
     from calm_dist.train.composition import build_composed
     from calm_dist.train.job import finish_run
 
     model = build_composed(inputs.config, inputs.model_dirs, inputs.task_data)
     model.load_composition_state_dict(bridges)
-    return finish_run(inputs.config, model.eval(), inputs.task_data, inputs.model_dirs, inputs.run_dir, curve, timer)
+    return finish_run(inputs.config, model.eval(), inputs.task_data, inputs.model_dirs, inputs.run_dir, curve, timer,
+                      extra)
 
 
 def run_torchrun_job(config: Config) -> Path | None:

@@ -1,0 +1,202 @@
+"""Peak memory of one ZeRO-3 anchor rank, as a fraction of the full anchor, at 2 and 4 anchor ranks.
+
+Run: ``python -m benchmarks.bench_anchor_memory [--quick]``. One JSON line per rank count on stdout.
+
+A random Llama (default: hidden 1536, 16 layers, 12 heads, MLP 4096, vocabulary 32000: 0.55B
+parameters, 2.2 GB in fp32; --quick: hidden 256, 4 layers, ~20M) is built once in a spawned process
+(its memory counts nowhere) and saved with ``save_pretrained(max_shard_size="200MB")``. Then N anchor
+ranks run concurrently, each in a fresh process: join the anchor world, note its RSS, load the anchor
+with ``load_partitioned`` (stage 3, persistence threshold 0, the other ``deepspeed.*`` settings at
+their defaults), compose it (``CALMModel`` without augment, one bridge after the middle layer, fed by a
+tiny precomputed augment state of width 64), build the engine and run one training step
+(``AnchorWorker._step``: forward, backward, optimizer step) on 1 x 16 tokens. Figure: the largest
+rank's (peak RSS - RSS before loading) / full fp32 anchor bytes. Goal: 1/N + 0.15.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import (anchor_only_groups, anchor_step_fn, claim_stdout, current_rss_bytes, figure_line,
+                                init_anchor_world, log, peak_rss_bytes, spawn_ranks)
+
+AUGMENT_HIDDEN = 64
+SEQ_LEN = 16
+MICRO_BATCH = 1
+RANK_COUNTS = (2, 4)
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LlamaSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int = 32000
+
+    def hf_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                           num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                           intermediate_size=self.intermediate, max_position_embeddings=256,
+                           tie_word_embeddings=False)
+
+    def param_count(self) -> int:
+        per_layer = 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden
+
+
+DEFAULT_SIZE = LlamaSize(1536, 16, 12, 4096)
+QUICK_SIZE = LlamaSize(256, 4, 4, 688)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint, built in its own process
+
+
+def build_checkpoint(size: LlamaSize, target: str) -> None:
+    """Random weights, sharded safetensors; runs in a spawned process so its memory counts nowhere."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = LlamaForCausalLM(size.hf_config())
+    count = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(target, max_shard_size="200MB")
+    Path(target, "bench_params.json").write_text(json.dumps({"params": count}))
+    log(f"built and saved {count:,} parameters in {time.perf_counter() - started:.1f}s")
+
+
+def ensure_checkpoint(size: LlamaSize, target: Path) -> int:
+    import multiprocessing
+
+    if not (target / "bench_params.json").is_file():
+        process = multiprocessing.get_context("spawn").Process(target=build_checkpoint, args=(size, str(target)))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"building the checkpoint failed (exit code {process.exitcode})")
+    count = json.loads((target / "bench_params.json").read_text())["params"]
+    if count != size.param_count():
+        raise RuntimeError(f"checkpoint has {count} parameters, expected {size.param_count()}")
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# One anchor rank (a spawned process)
+
+
+def step_inputs(rank: int, size: LlamaSize) -> tuple[dict, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(rank)
+    ids = torch.randint(3, size.vocab, (MICRO_BATCH, SEQ_LEN), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return batch, [torch.randn(MICRO_BATCH, SEQ_LEN, AUGMENT_HIDDEN, generator=generator)]
+
+
+def composed_engine(anchor, size: LlamaSize, config):
+    from calm_dist.distributed.zero_anchor import build_engine
+    from calm_dist.model.composed import CALMModel
+    from calm_dist.model.layers import ModelShape
+
+    connections = [(0, size.layers // 2)]
+    augment_shape = ModelShape(1, AUGMENT_HIDDEN, 4, size.vocab)
+    torch.manual_seed(config.run.seed + 4)
+    model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale)
+    engine, _, _ = build_engine(model, config, MICRO_BATCH)
+    return engine
+
+
+def import_loading_code(model_dir: str) -> None:
+    """What ``load_partitioned`` and the step import lazily: import costs are not the anchor's memory."""
+    import safetensors.torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import transformers.initialization  # noqa: F401
+    import transformers.integrations.deepspeed  # noqa: F401
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    import calm_dist.distributed.anchor_worker  # noqa: F401
+    import calm_dist.model.composed  # noqa: F401
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
+
+
+def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize) -> dict:
+    from calm_dist.config import load_config
+    from calm_dist.distributed.zero_anchor import deepspeed_config, load_partitioned
+
+    init_anchor_world()
+    config = load_config(None, ["deepspeed.param_persistence_threshold=0", f"train.batch_size={world_size}"])
+    batch, states = step_inputs(rank, size)
+    import_loading_code(model_dir)
+    gc.collect()
+    before, peak_before = current_rss_bytes(), peak_rss_bytes()
+    anchor = load_partitioned(model_dir, deepspeed_config(config, MICRO_BATCH))
+    after_load, peak_load = current_rss_bytes(), peak_rss_bytes()
+    engine = composed_engine(anchor, size, config)
+    step = anchor_step_fn(engine, anchor_only_groups(world_size, rank, [0], 1), AUGMENT_HIDDEN)
+    loss, _ = step(batch, states)
+    partition = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in anchor.parameters())
+    return {"rank": rank, "rss_before": before, "peak_before": peak_before, "rss_after_load": after_load,
+            "peak_after_load": peak_load, "rss_after_step": current_rss_bytes(), "peak": peak_rss_bytes(),
+            "partition_bytes": partition, "loss": loss}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_figure(size: LlamaSize, model_dir: Path, params: int, ranks: int, work: Path, quick: bool) -> str:
+    started = time.perf_counter()
+    results = spawn_ranks(memory_rank, ranks, (str(model_dir), size), work / f"n{ranks}")
+    seconds = time.perf_counter() - started
+    full = params * 4
+    increases = [r["peak"] - r["rss_before"] for r in results]
+    for r in results:
+        log(f"N={ranks} rank {r['rank']}: before {r['rss_before'] / MiB:.0f} MiB, peak after load +"
+            f"{(r['peak_after_load'] - r['rss_before']) / MiB:.0f}, peak +{(r['peak'] - r['rss_before']) / MiB:.0f}, "
+            f"partitions {r['partition_bytes'] / MiB:.0f} MiB, loss {r['loss']:.3f}")
+    return figure_line(
+        f"peak_rss_per_anchor_rank_over_full_size_n{ranks}", max(increases) / full, round(1 / ranks + 0.15, 4),
+        "lower", n=ranks, params=params, full_fp32_bytes=full, model=asdict(size), quick=quick,
+        peak_increase_bytes_per_rank=increases,
+        load_peak_increase_bytes_per_rank=[r["peak_after_load"] - r["rss_before"] for r in results],
+        partition_bytes_per_rank=[r["partition_bytes"] for r in results],
+        rss_before_bytes_per_rank=[r["rss_before"] for r in results],
+        step=f"1 training step, micro-batch {MICRO_BATCH} x {SEQ_LEN} tokens, 1 bridge", seconds=round(seconds, 1),
+    )
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~20M-parameter anchor instead of 0.55B")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    figures = claim_stdout()
+    size = QUICK_SIZE if args.quick else DEFAULT_SIZE
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="calm_bench_memory_") as tmp:
+        work = Path(tmp)
+        params = ensure_checkpoint(size, work / "anchor")
+        log(f"anchor: {params:,} parameters, {params * 4 / MiB:.0f} MiB in fp32")
+        for ranks in RANK_COUNTS:
+            print(memory_figure(size, work / "anchor", params, ranks, work, args.quick), file=figures)
+    log(f"done in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

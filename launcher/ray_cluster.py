@@ -1,0 +1,132 @@
+"""Ray placement and worker actors for the distributed runtime.
+
+One placement group per job with a bundle per role; each rank is an actor whose class name carries its
+role and index (``ray::AnchorRank1.run`` in ``ps``) and which runs the runtime's worker code unchanged.
+Activations go over torch.distributed between the actors, never through the object store.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from calm_dist.config import Config
+
+
+def role_bundles(config: Config) -> list[dict[str, float]]:
+    """Bundles in rank order: anchor ranks first, then augment stages (the topology's layout)."""
+    base = {"CPU": config.ray.cpus_per_worker}
+    if config.ray.gpus_per_worker:
+        base["GPU"] = config.ray.gpus_per_worker
+    anchor = {**base, **config.ray.anchor_resources}
+    augment = {**base, **config.ray.augment_resources}
+    return [dict(anchor) for _ in range(config.parallel.anchor_ranks)] + \
+        [dict(augment) for _ in range(config.parallel.augment_stages)]
+
+
+def missing_resources(bundles: list[dict[str, float]], nodes: list[dict[str, float]], strategy: str) -> list[str]:
+    """What the cluster lacks for the plan (empty when it fits), by first-fit over node totals."""
+    free = [dict(node) for node in nodes]
+    missing: list[str] = []
+    taken: set[int] = set()  # STRICT_SPREAD: one bundle per node
+    for index, bundle in enumerate(bundles):
+        placed = False
+        for node_index, node in enumerate(free):
+            if strategy == "STRICT_SPREAD" and node_index in taken:
+                continue
+            if all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] -= v
+                taken.add(node_index)
+                placed = True
+                break
+        if not placed:
+            missing.append(f"bundle {index} {bundle}")
+    return missing
+
+
+def check_feasible(config: Config) -> list[dict[str, float]]:
+    """Raises a ValueError naming what is missing before anything is placed."""
+    bundles = role_bundles(config)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    totals = Counter()
+    for node in nodes:
+        totals.update(node)
+    needed = Counter()
+    for bundle in bundles:
+        needed.update(bundle)
+    short = {k: v - totals.get(k, 0.0) for k, v in needed.items() if totals.get(k, 0.0) + 1e-9 < v}
+    unplaceable = missing_resources(bundles, nodes, config.ray.placement_strategy)
+    if short or unplaceable:
+        detail = f"missing in total: {short}" if short else f"no node can hold: {', '.join(unplaceable[:4])}"
+        raise ValueError(
+            f"the cluster cannot hold parallel.anchor_ranks={config.parallel.anchor_ranks} + "
+            f"parallel.augment_stages={config.parallel.augment_stages} workers with bundles {bundles[0]} "
+            f"(anchor) / {bundles[-1]} (augment): {detail}; cluster has {dict(totals)}. "
+            "Add nodes, or lower the plan or ray.cpus_per_worker / ray.*_resources."
+        )
+    return bundles
+
+
+def reserve(config: Config):
+    bundles = check_feasible(config)
+    group = placement_group(bundles, strategy=config.ray.placement_strategy, name="")
+    try:
+        ray.get(group.ready(), timeout=config.ray.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError as error:
+        remove_placement_group(group)
+        raise ValueError(f"placement of {bundles} did not complete in {config.ray.placement_timeout_s} s "
+                         "(ray.placement_timeout_s); the cluster may be busy") from error
+    return group
+
+
+class RankWorker:
+    """One rank of the job. Subclassed per role and index so process titles name them."""
+
+    def node_address(self) -> tuple[str, str, int]:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), port
+
+    def run(self, inputs, rank: int, world_size: int, master: tuple[str, int], reports=None) -> dict:
+        import torch
+
+        from calm_dist.distributed.groups import env_store
+        from calm_dist.distributed.worker import run_worker
+        from calm_dist.train.distributed_job import consolidated_bridges
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        store, _, _ = env_store(inputs.config.parallel.timeout_s)
+        on_step = (lambda report: reports.put(report.__dict__)) if reports is not None else None
+        result = run_worker(inputs, rank, world_size, store, on_step=on_step)
+        if "model" not in result:
+            return {"role": result["role"]}
+        bridges = consolidated_bridges(result["model"])
+        return {"role": result["role"], "losses": result["losses"], "bridges": bridges if rank == 0 else None}
+
+
+def worker_class(role_name: str):
+    """A Ray actor class named after the role, e.g. ``AnchorRank1`` or ``AugmentStage0``."""
+    kind, index = role_name.rsplit("-", 1)
+    name = ("AnchorRank" if kind.startswith("anchor") else "AugmentStage") + index
+    return ray.remote(type(name, (RankWorker,), {}))
+
+
+def start_workers(config: Config, group, role_names: list[str]) -> list:
+    actors = []
+    for index, name in enumerate(role_names):
+        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+        options = dict(num_cpus=config.ray.cpus_per_worker, num_gpus=config.ray.gpus_per_worker,
+                       scheduling_strategy=strategy, max_restarts=0)
+        resources = config.ray.anchor_resources if name.startswith("anchor") else config.ray.augment_resources
+        if resources:
+            options["resources"] = dict(resources)
+        actors.append(worker_class(name).options(**options).remote())
+    return actors

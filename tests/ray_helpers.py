@@ -1,0 +1,33 @@
+"""A simulated multi-node Ray cluster on one machine (the traps are in ../shared/ENVIRONMENT.md)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo",
+           "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextlib.contextmanager
+def simulated_cluster(nodes: list[dict]):
+    """Head (no CPUs) + one node per entry of ``nodes`` (``{"num_cpus": 1, "resources": {...}}``),
+    each on its own loopback address; the driver connects. Shut down on exit."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.update(RAY_ENV)
+    root = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # unix-socket paths must stay short
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "node_ip_address": "127.0.0.2", "include_dashboard": False,
+        "object_store_memory": 80 * 1024 * 1024, "temp_dir": os.path.join(root, "head")})
+    try:
+        for index, node in enumerate(nodes):
+            cluster.add_node(node_ip_address=f"127.0.0.{index + 3}", object_store_memory=80 * 1024 * 1024,
+                             **node)
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.2")
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
