@@ -10,15 +10,24 @@ with ``load_partitioned`` (stage 3, persistence threshold 0, the other ``deepspe
 their defaults), compose it (``CALMModel`` without augment, one bridge after the middle layer, fed by a
 tiny precomputed augment state of width 64), build the engine and run one training step
 (``AnchorWorker._step``: forward, backward, optimizer step) on 1 x 16 tokens. Figure: the largest
-rank's (peak RSS - RSS before loading) / full fp32 anchor bytes. Goal: 1/N + 0.15.
+rank's (peak RSS - RSS before loading) / full fp32 anchor bytes. Goal: 1/N + 0.15. Imports that
+loading triggers lazily happen before the "before" reading. Extra keys split each rank's peak into
+anonymous and file-backed (mapped safetensors shards) memory, sampled every 10 ms.
+
+Options for diagnosis: ``--set KEY=VALUE`` (config overrides for the ranks, e.g.
+``deepspeed.prefetch_bucket_size=10000000``) and ``--mmap-threshold BYTES`` (glibc's
+``MALLOC_MMAP_THRESHOLD_`` for the ranks: a fixed threshold stops the heap from keeping freed
+full-size parameter buffers). Both are recorded in the JSON.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +67,37 @@ class LlamaSize:
 
 DEFAULT_SIZE = LlamaSize(1536, 16, 12, 4096)
 QUICK_SIZE = LlamaSize(256, 4, 4, 688)
+
+
+class RssSampler(threading.Thread):
+    """Peaks of anonymous and file-backed resident memory (/proc/self/status), sampled every 10 ms.
+
+    A diagnostic beside ru_maxrss: file-backed pages are mapped files (the safetensors shards).
+    """
+
+    FIELDS = ("RssAnon", "RssFile")
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peaks = dict.fromkeys(self.FIELDS, 0)
+        self._stop_event = threading.Event()
+
+    def _sample(self) -> None:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in self.peaks:
+                    self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.01):
+            self._sample()
+
+    def stop(self) -> dict:
+        self._stop_event.set()
+        self.join()
+        self._sample()
+        return dict(self.peaks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,71 +169,103 @@ def import_loading_code(model_dir: str) -> None:
     import calm_dist.distributed.anchor_worker  # noqa: F401
     import calm_dist.model.composed  # noqa: F401
 
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):  # builds nothing real, but runs (and imports) the construction code once
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)](hf_config)
 
 
-def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize) -> dict:
+def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize, overrides: tuple) -> dict:
     from calm_dist.config import load_config
     from calm_dist.distributed.zero_anchor import deepspeed_config, load_partitioned
 
     init_anchor_world()
-    config = load_config(None, ["deepspeed.param_persistence_threshold=0", f"train.batch_size={world_size}"])
+    config = load_config(None, ["deepspeed.param_persistence_threshold=0", f"train.batch_size={world_size}",
+                                *overrides])
     batch, states = step_inputs(rank, size)
     import_loading_code(model_dir)
     gc.collect()
     before, peak_before = current_rss_bytes(), peak_rss_bytes()
+    base, sampler = RssSampler(), RssSampler()
+    base._sample()
+    sampler.start()
     anchor = load_partitioned(model_dir, deepspeed_config(config, MICRO_BATCH))
     after_load, peak_load = current_rss_bytes(), peak_rss_bytes()
     engine = composed_engine(anchor, size, config)
     step = anchor_step_fn(engine, anchor_only_groups(world_size, rank, [0], 1), AUGMENT_HIDDEN)
     loss, _ = step(batch, states)
+    peaks = sampler.stop()
     partition = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in anchor.parameters())
     return {"rank": rank, "rss_before": before, "peak_before": peak_before, "rss_after_load": after_load,
             "peak_after_load": peak_load, "rss_after_step": current_rss_bytes(), "peak": peak_rss_bytes(),
-            "partition_bytes": partition, "loss": loss}
+            "partition_bytes": partition, "loss": loss,
+            "sampled_peak_increase": {key: peaks[key] - base.peaks[key] for key in peaks}}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def memory_figure(size: LlamaSize, model_dir: Path, params: int, ranks: int, work: Path, quick: bool) -> str:
+@dataclass(frozen=True)
+class Options:
+    quick: bool = False
+    overrides: tuple = ()  # extra config overrides for the ranks, e.g. deepspeed.prefetch_bucket_size=1e7
+    mmap_threshold: int | None = None  # MALLOC_MMAP_THRESHOLD_ for the ranks (None: glibc's default)
+
+
+def _log_ranks(ranks: int, results: list[dict]) -> None:
+    for r in results:
+        sampled = r["sampled_peak_increase"]
+        log(f"N={ranks} rank {r['rank']}: before {r['rss_before'] / MiB:.0f} MiB, peak after load +"
+            f"{(r['peak_after_load'] - r['rss_before']) / MiB:.0f}, peak +{(r['peak'] - r['rss_before']) / MiB:.0f} "
+            f"(anon +{sampled['RssAnon'] / MiB:.0f}, file +{sampled['RssFile'] / MiB:.0f}), "
+            f"partitions {r['partition_bytes'] / MiB:.0f} MiB, loss {r['loss']:.3f}")
+
+
+def memory_figure(size: LlamaSize, model_dir: Path, params: int, ranks: int, work: Path, options: Options) -> str:
     started = time.perf_counter()
-    results = spawn_ranks(memory_rank, ranks, (str(model_dir), size), work / f"n{ranks}")
+    results = spawn_ranks(memory_rank, ranks, (str(model_dir), size, options.overrides), work / f"n{ranks}")
     seconds = time.perf_counter() - started
+    _log_ranks(ranks, results)
     full = params * 4
     increases = [r["peak"] - r["rss_before"] for r in results]
-    for r in results:
-        log(f"N={ranks} rank {r['rank']}: before {r['rss_before'] / MiB:.0f} MiB, peak after load +"
-            f"{(r['peak_after_load'] - r['rss_before']) / MiB:.0f}, peak +{(r['peak'] - r['rss_before']) / MiB:.0f}, "
-            f"partitions {r['partition_bytes'] / MiB:.0f} MiB, loss {r['loss']:.3f}")
     return figure_line(
         f"peak_rss_per_anchor_rank_over_full_size_n{ranks}", max(increases) / full, round(1 / ranks + 0.15, 4),
-        "lower", n=ranks, params=params, full_fp32_bytes=full, model=asdict(size), quick=quick,
+        "lower", n=ranks, params=params, full_fp32_bytes=full, model=asdict(size), quick=options.quick,
         peak_increase_bytes_per_rank=increases,
         load_peak_increase_bytes_per_rank=[r["peak_after_load"] - r["rss_before"] for r in results],
+        sampled_peak_increase_anon_bytes_per_rank=[r["sampled_peak_increase"]["RssAnon"] for r in results],
+        sampled_peak_increase_file_bytes_per_rank=[r["sampled_peak_increase"]["RssFile"] for r in results],
         partition_bytes_per_rank=[r["partition_bytes"] for r in results],
         rss_before_bytes_per_rank=[r["rss_before"] for r in results],
+        peak_before_load_bytes_per_rank=[r["peak_before"] for r in results],
+        overrides=list(options.overrides), malloc_mmap_threshold=options.mmap_threshold,
         step=f"1 training step, micro-batch {MICRO_BATCH} x {SEQ_LEN} tokens, 1 bridge", seconds=round(seconds, 1),
     )
 
 
-def parse_args(argv):
+def parse_args(argv) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~20M-parameter anchor instead of 0.55B")
-    return parser.parse_args(argv)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the anchor ranks (repeatable), e.g. deepspeed.prefetch_bucket_size=1e7")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the ranks with MALLOC_MMAP_THRESHOLD_=BYTES (a fixed glibc mmap threshold)")
+    args = parser.parse_args(argv)
+    return Options(args.quick, tuple(args.set), args.mmap_threshold)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    options = parse_args(argv)
     figures = claim_stdout()
-    size = QUICK_SIZE if args.quick else DEFAULT_SIZE
+    if options.mmap_threshold is not None:  # read by glibc when each spawned rank starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(options.mmap_threshold)
+    size = QUICK_SIZE if options.quick else DEFAULT_SIZE
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="calm_bench_memory_") as tmp:
         work = Path(tmp)
         params = ensure_checkpoint(size, work / "anchor")
         log(f"anchor: {params:,} parameters, {params * 4 / MiB:.0f} MiB in fp32")
         for ranks in RANK_COUNTS:
-            print(memory_figure(size, work / "anchor", params, ranks, work, args.quick), file=figures)
+            print(memory_figure(size, work / "anchor", params, ranks, work, options), file=figures)
     log(f"done in {time.perf_counter() - started:.1f}s")
     return 0
 

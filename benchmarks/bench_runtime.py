@@ -15,7 +15,9 @@ Figures
    forward, loss, backward, step) / the plain single-process CALMModel step with AdamW + clipping,
    both on one fixed batch (8 x 32 random tokens) with the same precomputed augment states, timed
    round-robin in one process. Several ``deepspeed.*`` settings are tried; the figure is the best one
-   that still partitions most of the anchor, the others are extra keys.
+   that still partitions most of the anchor, the others are extra keys. DeepSpeed's first zero.Init
+   replaces ``torch.nn.functional.linear`` for the whole process and never restores it; the plain step
+   runs with PyTorch's own (``with_linear``), the ZeRO-3 steps with DeepSpeed's, as in a real rank.
 2. anchor_param_bytes_per_rank_times_n_over_full: 2 anchor ranks, ``load_partitioned`` with persistence
    threshold 0; the largest rank's partition bytes x 2 / the full anchor's bytes.
 3. wire_bytes_per_step_over_minimum and 4. anchor_stall_fraction: one real run (1 anchor rank + 1 augment
@@ -117,6 +119,25 @@ def plain_step(inputs, connections, augment_shape, batch: dict, states: list):
     return step
 
 
+def with_linear(step, linear):
+    """``step`` run with ``torch.nn.functional.linear`` set to ``linear``.
+
+    DeepSpeed's first ``zero.Init`` replaces ``F.linear`` process-wide with its ZeRO-3 autograd
+    function and never restores it; the plain baseline must run on PyTorch's own.
+    """
+    functional = torch.nn.functional
+
+    def run():
+        current = functional.linear
+        functional.linear = linear
+        try:
+            return step()
+        finally:
+            functional.linear = current
+
+    return run
+
+
 def zero3_engine(inputs, setting: DsSetting, connections, augment_shape, micro: int):
     """The anchor loaded into ZeRO-3 partitions under ``setting`` and composed; (engine, partitioned fraction)."""
     from calm_dist.distributed.zero_anchor import build_engine, deepspeed_config, load_partitioned
@@ -138,17 +159,20 @@ def zero3_engine(inputs, setting: DsSetting, connections, augment_shape, micro: 
 def zero3_timing_rank(rank: int, world_size: int, inputs, mode: Mode) -> dict:
     from calm_dist.distributed.worker import plan
 
+    torch_linear = torch.nn.functional.linear  # before any zero.Init replaces it
     init_anchor_world()
     topology, connections, augment_shape = plan(inputs, inputs.config.parallel.anchor_ranks + 1)
     batch, states = fixed_batch(inputs, mode, len(connections), augment_shape.hidden_size)
     groups = anchor_only_groups(1, 0, topology.tapped_layers, augment_shape.num_layers)
-    steps = {"plain": plain_step(inputs, connections, augment_shape, batch, states)}
+    steps = {"plain": with_linear(plain_step(inputs, connections, augment_shape, batch, states), torch_linear)}
     fractions = {}
     for setting in mode.settings:
         engine, fractions[setting.name] = zero3_engine(inputs, setting, connections, augment_shape, mode.batch)
         steps[setting.name] = partial(anchor_step_fn(engine, groups, augment_shape.hidden_size), batch, states)
+    replaced = torch.nn.functional.linear is not torch_linear
     times = time_round_robin(steps, mode.warmup, mode.repeats, "step")
-    return {"median_s": {name: median(values) for name, values in times.items()}, "partitioned": fractions}
+    return {"median_s": {name: median(values) for name, values in times.items()}, "partitioned": fractions,
+            "deepspeed_replaced_linear": replaced}
 
 
 def zero3_figure(inputs, mode: Mode, work: Path, anchor_params: int) -> str:
@@ -166,6 +190,7 @@ def zero3_figure(inputs, mode: Mode, work: Path, anchor_params: int) -> str:
         eligible_if_partitioned_fraction_at_least=MIN_PARTITIONED_FRACTION,
         anchor=f"llama hidden {mode.anchor[0]}, {mode.anchor[1]} layers, MLP {mode.anchor[3]}",
         anchor_params=anchor_params, batch=[mode.batch, mode.seq_len], repeats=mode.repeats, threads=1,
+        plain_uses_torch_linear=True, deepspeed_replaced_linear_process_wide=result["deepspeed_replaced_linear"],
     )
 
 
@@ -246,7 +271,8 @@ def stall_figure(inputs, reports: list[dict], warm_steps: int) -> str:
     return figure_line(
         "anchor_stall_fraction", max(median(fractions), 1e-6), 0.05, "lower",
         median_wait_s=median(r["wait_s"] for r in measured), median_step_s=median(r["step_s"] for r in measured),
-        max_fraction=round(max(fractions), 4), steps=len(measured), warm_up_steps=warm_steps,
+        max_fraction=float(f"{max(fractions):.3g}"), first_step_wait_s=reports[0]["wait_s"],
+        first_step_s=reports[0]["step_s"], steps=len(measured), warm_up_steps=warm_steps,
         pipeline_depth=inputs.config.parallel.pipeline_depth, floor=1e-6,
         cpu_note=(f"{os.cpu_count()} cores shared by the anchor and augment processes (1 torch thread each) "
                   f"and other jobs; 1-min load average {load:.1f} at the end: a busy machine slows the "

@@ -1,0 +1,84 @@
+"""The distributed-runtime benchmarks run (--quick) and print only well-formed JSON figure lines."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks._common import figure_line
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {"figure", "value", "goal", "better"}
+RUNTIME_FIGURES = {
+    "zero3_step_time_ratio_1rank_vs_plain",
+    "anchor_param_bytes_per_rank_times_n_over_full",
+    "wire_bytes_per_step_over_minimum",
+    "anchor_stall_fraction",
+}
+MEMORY_FIGURES = {"peak_rss_per_anchor_rank_over_full_size_n2", "peak_rss_per_anchor_rank_over_full_size_n4"}
+
+
+def run_quick(module: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", module, "--quick"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=380)
+
+
+def parse_figures(result: subprocess.CompletedProcess) -> dict[str, dict]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is JSON
+    for record in records:
+        assert REQUIRED_KEYS <= record.keys(), record
+        for key in ("value", "goal"):
+            assert isinstance(record[key], (int, float)) and not isinstance(record[key], bool), record
+            assert math.isfinite(record[key]) and record[key] > 0, record
+        assert record["better"] in ("lower", "higher"), record
+    return {record["figure"]: record for record in records}
+
+
+@pytest.mark.timeout(400)
+def test_runtime_benchmark_quick():
+    figures = parse_figures(run_quick("benchmarks.bench_runtime"))
+    assert set(figures) == RUNTIME_FIGURES
+    zero3 = figures["zero3_step_time_ratio_1rank_vs_plain"]
+    assert zero3["value"] == pytest.approx(zero3[f"ratio_{zero3['best_setting']['name']}"], rel=1e-3)
+    partition = figures["anchor_param_bytes_per_rank_times_n_over_full"]
+    assert partition["n"] == 2 and 0.99 <= partition["value"] <= 1.1  # ZeRO-3 pads partitions only slightly
+    wire = figures["wire_bytes_per_step_over_minimum"]
+    assert wire["value"] >= 1.0 - 1e-9  # nothing arrives below the minimum
+    assert 0 < figures["anchor_stall_fraction"]["value"] < 1
+
+
+@pytest.mark.timeout(400)
+def test_anchor_memory_benchmark_quick():
+    figures = parse_figures(run_quick("benchmarks.bench_anchor_memory"))
+    assert set(figures) == MEMORY_FIGURES
+    for ranks in (2, 4):
+        record = figures[f"peak_rss_per_anchor_rank_over_full_size_n{ranks}"]
+        assert record["goal"] == pytest.approx(1 / ranks + 0.15)
+        assert len(record["peak_increase_bytes_per_rank"]) == ranks
+        assert record["params"] == record["full_fp32_bytes"] // 4
+
+
+def test_param_count_formula_matches_transformers():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.bench_anchor_memory import DEFAULT_SIZE, QUICK_SIZE
+
+    for size in (QUICK_SIZE, DEFAULT_SIZE):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(size.hf_config())
+        assert sum(p.numel() for p in model.parameters()) == size.param_count()
+    assert 0.5e9 <= DEFAULT_SIZE.param_count() <= 0.6e9 and 15e6 <= QUICK_SIZE.param_count() <= 25e6
+
+
+def test_figure_line_keeps_small_values_and_rejects_non_positive():
+    assert json.loads(figure_line("f", 1.234e-5, 0.05, "lower"))["value"] > 0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError):
+            figure_line("f", bad, 1.0, "lower")
