@@ -79,7 +79,7 @@ def test_wire_bytes_per_step_are_exactly_the_taps(prepared, tmp_path, wire, widt
     inputs = inputs_with(prepared, parallel__anchor_ranks=1, parallel__augment_stages=1, parallel__wire_dtype=wire)
     results = spawn(reporting_run, 2, (inputs,), tmp_path)
     reports = results[0]["reports"]
-    taps = 3  # CONNECTIONS
+    taps = 2  # CONNECTIONS read augment layers 0 and 1; layer 1 feeds two bridges but is sent once
     hidden = inputs.config.augment.model.hidden_size
     from calm_dist.train.composition import composition_reader
 

@@ -33,6 +33,12 @@ def test_stages_only_cover_layers_up_to_the_deepest_tap():
     assert topology.stage_of_layer(3) == 1
 
 
+def test_a_layer_read_by_several_bridges_crosses_the_wire_once():
+    topology = plan_topology(3, 1, 2, [5] * 4, [1, 3, 1, 0])
+    assert topology.wire_layers == [0, 1, 3]
+    assert topology.taps_of_stage(0) == [(0, 0), (1, 1)] and topology.taps_of_stage(1) == [(2, 3)]
+
+
 def _brute_force(sizes, stages):
     best = None
     for cuts in itertools.combinations(range(1, len(sizes)), stages - 1):

@@ -49,13 +49,15 @@ class AnchorWorker:
         topology, index = self.groups.topology, self.groups.role.index
         sequence = step * topology.anchor_ranks + index
         shape = (*batch["input_ids"].shape, self.augment_hidden)
-        for bridge, layer in enumerate(topology.tapped_layers):
+        for slot, layer in enumerate(topology.wire_layers):
             source = topology.stage_rank(topology.stage_of_layer(layer))
-            self.receiver.post((step, bridge), shape, source, tag_of(sequence, bridge))
+            self.receiver.post((step, layer), shape, source, tag_of(sequence, slot))
 
     def _states(self, step: int) -> list[torch.Tensor]:
-        count = len(self.groups.topology.tapped_layers)
-        return [self.receiver.wait((step, bridge), self.compute_dtype) for bridge in range(count)]
+        """One tensor per bridge, in bridge order (bridges reading the same layer share it)."""
+        topology = self.groups.topology
+        received = {layer: self.receiver.wait((step, layer), self.compute_dtype) for layer in topology.wire_layers}
+        return [received[layer] for layer in topology.tapped_layers]
 
     def _step(self, batch: dict, states: list[torch.Tensor]) -> tuple[float, int]:
         device = self.groups.device

@@ -69,8 +69,8 @@ def run_stage(stage: AugmentStage, groups: Groups, readers, steps: range, sender
                 receiver.post(sequence, shape, topology.stage_rank(index - 1), tag_of(sequence, HIDDEN_SLOT))
                 inject = receiver.wait(sequence, stage.dtype)
             outputs = stage.forward(ids, mask, inject)
-            for bridge, layer in taps:
-                sender.send(outputs[layer], topology.anchor_rank(anchor_index), tag_of(sequence, bridge))
+            for slot, layer in taps:
+                sender.send(outputs[layer], topology.anchor_rank(anchor_index), tag_of(sequence, slot))
             if has_next:
                 hidden_sender.send(outputs[last_layer], topology.stage_rank(index + 1), tag_of(sequence, HIDDEN_SLOT))
     sender.flush()

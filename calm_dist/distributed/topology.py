@@ -57,9 +57,15 @@ class Topology:
                 return stage
         raise ValueError(f"augment layer {layer} belongs to no stage")
 
+    @property
+    def wire_layers(self) -> list[int]:
+        """Distinct tapped augment layers, in order: each crosses the wire once per micro-batch,
+        however many bridges read it. A layer's position here is its tag slot."""
+        return sorted(set(self.tapped_layers))
+
     def taps_of_stage(self, stage: int) -> list[tuple[int, int]]:
-        """(bridge index, augment layer) pairs whose activations this stage sends."""
-        return [(i, layer) for i, layer in enumerate(self.tapped_layers) if layer in self.stage_layers[stage]]
+        """(tag slot, augment layer) pairs whose activations this stage sends."""
+        return [(slot, layer) for slot, layer in enumerate(self.wire_layers) if layer in self.stage_layers[stage]]
 
 
 def balance_stages(layer_sizes: Sequence[int], stages: int) -> tuple[range, ...]:
@@ -102,6 +108,8 @@ def plan_topology(world_size: int, anchor_ranks: int, augment_stages: int,
             f"world size {world_size} != parallel.anchor_ranks ({anchor_ranks}) + parallel.augment_stages "
             f"({augment_stages}); launch {anchor_ranks + augment_stages} processes or change the plan"
         )
+    if len(set(tapped_layers)) >= 63:
+        raise ValueError(f"{len(set(tapped_layers))} distinct tapped augment layers: at most 62 are supported")
     needed = max(tapped_layers) + 1  # layers above the deepest tap never run
     stage_layers = balance_stages(list(augment_layer_sizes)[:needed], augment_stages)
     return Topology(anchor_ranks, augment_stages, stage_layers, tuple(tapped_layers))

@@ -27,6 +27,8 @@ def deepspeed_config(config: Config, micro_batch: int) -> dict:
             "stage3_param_persistence_threshold": ds.param_persistence_threshold,
             "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
             "stage3_max_live_parameters": ds.max_live_parameters,
+            # DeepSpeed's memory-efficient linear replaces F.linear process-wide for good; not wanted here.
+            "memory_efficient_linear": False,
         },
         # torch's AdamW: DeepSpeed's FusedAdam would compile an op at start-up.
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
@@ -64,6 +66,18 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
+def release_freed_memory_to_the_os() -> None:
+    """glibc keeps freed large buffers (gathered parameters) in its heap unless they are mmap-allocated;
+    a lower mmap threshold returns them, so an anchor rank's resident memory tracks its partitions."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+    except (OSError, AttributeError):
+        pass
+
+
 def _model_class(hf_config):
     import torch._dynamo  # noqa: F401  (imported before zero.Init patches tensor constructors)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -74,20 +88,17 @@ def _model_class(hf_config):
 def load_partitioned(path: str | Path, ds_config: dict):
     """Build the anchor straight into ZeRO-3 partitions, then fill them one parameter at a time.
 
-    No rank ever holds more than its partitions plus one gathered parameter; only anchor rank 0
-    reads the weight files (DeepSpeed scatters what it reads).
+    No rank holds more than its partitions plus one gathered parameter (and rank 0 one open
+    shard); only anchor rank 0 reads the weight files: DeepSpeed scatters what it reads.
     """
     import deepspeed
-    import torch.distributed as dist
-    from safetensors import safe_open
     from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     path = Path(path)
     hf_config = AutoConfig.from_pretrained(path)
     model_class = _model_class(hf_config)
-    from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
-
     # prevent_arange_dtype_change keeps RoPE buffers at their explicit dtype (entered before zero.Init).
     # The parameter dtype comes from the config's bf16 section: zero.Init's own ``dtype`` argument is
     # ignored on accelerators without fp16 (DeepSpeed 0.19 then always picks bf16).
@@ -95,19 +106,28 @@ def load_partitioned(path: str | Path, ds_config: dict):
             no_init_weights():
         model = model_class(hf_config)  # every weight is filled from the checkpoint below
     model.tie_weights()
-    files = _weight_files(path)
-    reading = dist.get_rank() == 0
-    handles: dict[Path, object] = {}
-    for name, parameter in model.named_parameters():
-        if name not in files:
-            raise ValueError(f"anchor checkpoint {path} has no tensor {name!r}")
-        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
-            if reading:
-                file = files[name]
-                handle = handles.setdefault(file, safe_open(file, "pt"))
-                parameter.data.copy_(handle.get_tensor(name).to(parameter.dtype))
-    handles.clear()
+    _fill_from_checkpoint(model, path)
     return model.eval()
+
+
+def _fill_from_checkpoint(model, path: Path) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    parameters = dict(model.named_parameters())
+    files = _weight_files(path)
+    missing = sorted(set(parameters) - set(files))
+    if missing:
+        raise ValueError(f"anchor checkpoint {path} has no tensors {missing[:5]}")
+    reading = dist.get_rank() == 0
+    for file in sorted(set(files.values())):  # one shard open at a time, the same order on every rank
+        handle = safe_open(file, "pt") if reading else None
+        for name in (n for n in parameters if files[n] == file):
+            with deepspeed.zero.GatheredParameters([parameters[name]], modifier_rank=0):
+                if reading:
+                    parameters[name].data.copy_(handle.get_tensor(name).to(parameters[name].dtype))
+        del handle
 
 
 def build_engine(model, config: Config, micro_batch: int):
