@@ -96,6 +96,7 @@ def load_partitioned(path: str | Path, ds_config: dict):
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
+    release_freed_memory_to_the_os()
     path = Path(path)
     hf_config = AutoConfig.from_pretrained(path)
     model_class = _model_class(hf_config)
