@@ -21,6 +21,8 @@ def connect(config: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts workers at nice 15; here they are the job's compute, so they run at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(include_dashboard=config.ray.embedded_dashboard, dashboard_host=config.ray.dashboard_host,
              log_to_driver=True, object_store_memory=200 * 1024 * 1024)
     return True

@@ -6,7 +6,7 @@ import os
 import tempfile
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo",
-           "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+           "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
 
 
 @contextlib.contextmanager
