@@ -176,7 +176,7 @@ def import_loading_code(model_dir: str) -> None:
 
 def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize, overrides: tuple) -> dict:
     from calm_dist.config import load_config
-    from calm_dist.distributed.zero_anchor import deepspeed_config, load_partitioned
+    from calm_dist.distributed.zero_anchor import configure_anchor, deepspeed_config, load_partitioned
 
     init_anchor_world()
     config = load_config(None, ["deepspeed.param_persistence_threshold=0", f"train.batch_size={world_size}",
@@ -188,7 +188,7 @@ def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize, ove
     base, sampler = RssSampler(), RssSampler()
     base._sample()
     sampler.start()
-    anchor = load_partitioned(model_dir, deepspeed_config(config, MICRO_BATCH))
+    anchor = configure_anchor(load_partitioned(model_dir, deepspeed_config(config, MICRO_BATCH)), config)
     after_load, peak_load = current_rss_bytes(), peak_rss_bytes()
     engine = composed_engine(anchor, size, config)
     step = anchor_step_fn(engine, anchor_only_groups(world_size, rank, [0], 1), AUGMENT_HIDDEN)

@@ -84,14 +84,12 @@ def run_augment_role(inputs: RunInputs, groups: Groups, steps: range) -> dict:
 def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shape: ModelShape, steps: range,
                     on_step=None) -> dict:
     from calm_dist.distributed.anchor_worker import AnchorWorker
-    from calm_dist.distributed.zero_anchor import build_engine, deepspeed_config, load_partitioned
+    from calm_dist.distributed.zero_anchor import build_engine, configure_anchor, deepspeed_config, load_partitioned
     from calm_dist.model.composed import CALMModel
 
     config = inputs.config
     micro = micro_batch_size(config)
-    anchor = load_partitioned(inputs.model_dirs["anchor"], deepspeed_config(config, micro))
-    if config.deepspeed.activation_checkpointing:
-        anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    anchor = configure_anchor(load_partitioned(inputs.model_dirs["anchor"], deepspeed_config(config, micro)), config)
     torch.manual_seed(config.run.seed + 4)  # the same bridge initialisation as the single-process model
     model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale)
     engine, optimizer, _ = build_engine(model, config, micro)

@@ -131,6 +131,14 @@ def _fill_from_checkpoint(model, path: Path) -> None:
         del handle
 
 
+def configure_anchor(anchor, config: Config):
+    """Options applied to the loaded anchor: activation checkpointing recomputes each layer in backward,
+    so autograd keeps no gathered weights alive between forward and backward."""
+    if config.deepspeed.activation_checkpointing:
+        anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return anchor
+
+
 def build_engine(model, config: Config, micro_batch: int):
     """deepspeed.initialize over the composed model; only the bridges reach the optimizer."""
     import deepspeed
