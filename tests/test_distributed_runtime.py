@@ -97,3 +97,12 @@ def test_activation_checkpointing_gives_the_same_losses(prepared, tmp_path):
     checkpointed = spawn(reporting_run, 2, (inputs_with(prepared, deepspeed__activation_checkpointing=True),),
                          tmp_path / "checkpointed")
     assert max(abs(a - b) for a, b in zip(plain[0]["losses"], checkpointed[0]["losses"])) <= 1e-5
+
+
+def test_bf16_anchor_trains_and_stays_close_to_fp32(prepared, tmp_path):
+    fp32 = spawn(reporting_run, 2, (inputs_with(prepared),), tmp_path / "fp32")
+    bf16 = spawn(reporting_run, 2, (inputs_with(prepared, deepspeed__bf16=True, parallel__wire_dtype="bfloat16"),),
+                 tmp_path / "bf16")
+    losses = bf16[0]["losses"]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert max(abs(a - b) for a, b in zip(fp32[0]["losses"], losses)) < 0.1
