@@ -20,7 +20,7 @@ def connection_kwargs(config: Config) -> dict:
     composition = config.composition
     if composition.connections is not None:
         return {"connections": [tuple(pair) for pair in composition.connections]}
-    return {"every_n": composition.every_n if composition.every_n is not None else 4}
+    return {"every_n": composition.every_n}  # None: resolve_connections' default (every 4th layer)
 
 
 def compose_kwargs(config: Config) -> dict:
