@@ -6,8 +6,8 @@ A random Llama (default: hidden 1536, 16 layers, 12 heads, MLP 4096, vocabulary 
 parameters, 2.2 GB in fp32; --quick: hidden 256, 4 layers, ~20M) is built once in a spawned process
 (its memory counts nowhere) and saved with ``save_pretrained(max_shard_size="200MB")``. Then N anchor
 ranks run concurrently, each in a fresh process: join the anchor world, note its RSS, load the anchor
-with ``load_partitioned`` (stage 3, persistence threshold 0, the other ``deepspeed.*`` settings at
-their defaults), compose it (``CALMModel`` without augment, one bridge after the middle layer, fed by a
+with ``load_partitioned`` (stage 3, persistence threshold 0, ``deepspeed.return_freed_memory``, the other
+``deepspeed.*`` settings at their defaults), compose it (``CALMModel`` without augment, one bridge after the middle layer, fed by a
 tiny precomputed augment state of width 64), build the engine and run one training step
 (``AnchorWorker._step``: forward, backward, optimizer step) on 1 x 16 tokens. Figure: the largest
 rank's (peak RSS - RSS before loading) / full fp32 anchor bytes. Goal: 1/N + 0.15. Imports that
@@ -179,8 +179,8 @@ def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize, ove
     from calm_dist.distributed.zero_anchor import configure_anchor, deepspeed_config, load_partitioned
 
     init_anchor_world()
-    config = load_config(None, ["deepspeed.param_persistence_threshold=0", f"train.batch_size={world_size}",
-                                *overrides])
+    config = load_config(None, ["deepspeed.param_persistence_threshold=0", "deepspeed.return_freed_memory=true",
+                                f"train.batch_size={world_size}", *overrides])
     batch, states = step_inputs(rank, size)
     import_loading_code(model_dir)
     gc.collect()
@@ -188,7 +188,8 @@ def memory_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize, ove
     base, sampler = RssSampler(), RssSampler()
     base._sample()
     sampler.start()
-    anchor = configure_anchor(load_partitioned(model_dir, deepspeed_config(config, MICRO_BATCH)), config)
+    anchor = load_partitioned(model_dir, deepspeed_config(config, MICRO_BATCH), config.deepspeed.return_freed_memory)
+    anchor = configure_anchor(anchor, config)
     after_load, peak_load = current_rss_bytes(), peak_rss_bytes()
     engine = composed_engine(anchor, size, config)
     step = anchor_step_fn(engine, anchor_only_groups(world_size, rank, [0], 1), AUGMENT_HIDDEN)

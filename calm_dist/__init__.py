@@ -1,5 +1,6 @@
 """calm_dist: CALM (Composition to Augment Language Models) at scale."""
+from calm_dist.export import load_exported
 from calm_dist.model import CALMModel, compose
 
-__all__ = ["CALMModel", "compose"]
+__all__ = ["CALMModel", "compose", "load_exported"]
 __version__ = "0.1.0"

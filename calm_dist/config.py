@@ -98,8 +98,10 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = no periodic checkpoints
-    keep: int = 2
+    every_steps: int = 0  # 0 = no checkpoints; > 0: the run directory is runs/<run.name> and a rerun resumes
+    keep: int = 2  # complete checkpoints kept; older ones go only after a newer one is complete
+    # where they go: "" = <run dir>/checkpoints; multi-node: a shared directory or a pyarrow.fs URI (s3://...)
+    dir: str = ""
 
 
 @dataclass
@@ -120,6 +122,9 @@ class DeepSpeedConfig:
     prefetch_bucket_size: int = 50000000
     max_live_parameters: int = 1000000000
     activation_checkpointing: bool = False  # recompute anchor layers in backward
+    # CPU ranks: allocate buffers >= 64 KiB with mmap so freed gathered parameters go back to the OS
+    # (resident memory tracks the partitions) at the cost of page faults on every large activation.
+    return_freed_memory: bool = False
 
 
 @dataclass
@@ -133,6 +138,8 @@ class RayConfig:
     placement_timeout_s: int = 120
     dashboard_host: str = "127.0.0.1"
     embedded_dashboard: bool = False
+    max_failures: int = 3  # worker/node losses survived by restarting from the latest checkpoint
+    grow_back: bool = True  # after shrinking, go back to parallel.anchor_ranks once the cluster can hold it
 
 
 @dataclass
@@ -260,7 +267,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.seed", "run.threads", "train.warmup_steps", "train.eval_every", "checkpoint.every_steps",
     "train.weight_decay", "train.grad_clip", "deepspeed.param_persistence_threshold",
-    "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters",
+    "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "ray.max_failures",
 )
 
 

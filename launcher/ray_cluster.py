@@ -6,6 +6,7 @@ Activations go over torch.distributed between the actors, never through the obje
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections import Counter
@@ -72,14 +73,16 @@ def check_feasible(config: Config) -> list[dict[str, float]]:
     return bundles
 
 
-def reserve(config: Config):
+def reserve(config: Config, timeout_s: float | None = None):
+    """A ready placement group for the plan; ValueError when it does not fit or stays pending."""
     bundles = check_feasible(config)
+    timeout_s = config.ray.placement_timeout_s if timeout_s is None else timeout_s
     group = placement_group(bundles, strategy=config.ray.placement_strategy, name="")
     try:
-        ray.get(group.ready(), timeout=config.ray.placement_timeout_s)
+        ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as error:
         remove_placement_group(group)
-        raise ValueError(f"placement of {bundles} did not complete in {config.ray.placement_timeout_s} s "
+        raise ValueError(f"placement of {bundles} did not complete in {timeout_s:.0f} s "
                          "(ray.placement_timeout_s); the cluster may be busy") from error
     return group
 
@@ -102,7 +105,7 @@ class RankWorker:
 
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        torch.set_num_threads(max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         store, _, _ = env_store(inputs.config.parallel.timeout_s)
         on_step = (lambda report: reports.put(report.__dict__)) if reports is not None else None
         result = run_worker(inputs, rank, world_size, store, on_step=on_step)
@@ -119,14 +122,19 @@ def worker_class(role_name: str):
     return ray.remote(type(name, (RankWorker,), {}))
 
 
+def actor_options(bundle: dict[str, float]) -> dict:
+    """Ray actor options asking for exactly a bundle's resources (CPU/GPU go in their own arguments)."""
+    rest = dict(bundle)
+    options = {"num_cpus": rest.pop("CPU", 0), "num_gpus": rest.pop("GPU", 0)}
+    if rest:
+        options["resources"] = rest
+    return options
+
+
 def start_workers(config: Config, group, role_names: list[str]) -> list:
     actors = []
-    for index, name in enumerate(role_names):
+    for index, (name, bundle) in enumerate(zip(role_names, role_bundles(config))):
         strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
-        options = dict(num_cpus=config.ray.cpus_per_worker, num_gpus=config.ray.gpus_per_worker,
-                       scheduling_strategy=strategy, max_restarts=0)
-        resources = config.ray.anchor_resources if name.startswith("anchor") else config.ray.augment_resources
-        if resources:
-            options["resources"] = dict(resources)
+        options = dict(actor_options(bundle), scheduling_strategy=strategy, max_restarts=0)
         actors.append(worker_class(name).options(**options).remote())
     return actors

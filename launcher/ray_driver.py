@@ -54,48 +54,66 @@ def _wait_all(futures, actors, queue, logger) -> list[dict]:
         raise
 
 
-def run_composition_on_ray(config: Config, inputs, logger) -> dict:
-    """Places one actor per rank, runs the runtime's workers, returns anchor rank 0's result."""
+def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
+    """One actor per rank in the reserved placement group; returns anchor rank 0's result and the
+    placement. The group is released when this returns or raises."""
     import ray
     from ray.util.placement_group import remove_placement_group
     from ray.util.queue import Queue
 
     from calm_dist.distributed.worker import plan
-    from launcher.ray_cluster import reserve, start_workers
+    from launcher.ray_cluster import start_workers
 
-    topology, _, _ = plan(inputs, config.parallel.anchor_ranks + config.parallel.augment_stages)
-    group = reserve(config)
+    queue = None
     try:
+        topology, _, _ = plan(inputs, config.parallel.anchor_ranks + config.parallel.augment_stages)
         names = [topology.role_of(rank).name for rank in range(topology.world_size)]
         actors = start_workers(config, group, names)
         _, master_ip, master_port = ray.get(actors[0].node_address.remote())
         queue = Queue(actor_options={"num_cpus": 0})
         futures = [actor.run.remote(inputs, rank, topology.world_size, (master_ip, master_port),
                                     queue if rank == 0 else None) for rank, actor in enumerate(actors)]
-        results = _wait_all(futures, actors, queue, logger)
-        return {"result": results[0], "placement": ray.get([a.node_address.remote() for a in actors])}
+        results = _wait_all(futures, actors, queue, on_report)
+        placement = ray.get([a.node_address.remote() for a in actors])
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        return {"result": results[0], "placement": placement}
     finally:
+        if queue is not None:
+            queue.shutdown(force=True)
         remove_placement_group(group)
 
 
 def run_ray_job(config: Config) -> Path:
     """The job through Ray: data and base models in the driver, composition on Ray workers."""
+    from calm_dist.checkpoint import consolidated_composition, prepare_checkpointing
     from calm_dist.distributed.worker import RunInputs
     from calm_dist.train.distributed_job import StepLogger, evaluate_on_rank_zero
     from calm_dist.train.job import Timer, prepare_run
+    from calm_dist.train.report import read_jsonl
+    from launcher.elastic import run_elastic
 
     embedded = connect(config)
     timer = Timer()
-    run_dir, task_data, model_dirs = prepare_run(config, timer)
-    inputs = RunInputs(config, task_data, model_dirs, run_dir)
-    logger = StepLogger(run_dir, config.train.max_steps)
-    try:
-        outcome = run_composition_on_ray(config, inputs, logger)
-    finally:
-        logger.close()
+    run_dir, task_data, model_dirs = prepare_run(config, timer, resumable=config.checkpoint.every_steps > 0)
+    store, identity, point = prepare_checkpointing(config, run_dir, model_dirs)
+    inputs = RunInputs(config, task_data, model_dirs, run_dir, store.uri if store else None, identity)
+    extra = {"placement": {"embedded": embedded}}
+    if point is not None and point.step >= config.train.max_steps:
+        print(f"checkpoint {point.name} is at train.max_steps={config.train.max_steps}: evaluating it", flush=True)
+        bridges = consolidated_composition(store, point.name)
+    else:
+        logger = StepLogger(run_dir, config.train.max_steps)
+        try:
+            outcome = run_elastic(config, inputs, logger, store, identity)
+        finally:
+            logger.close()
+        bridges = outcome["result"]["bridges"]
+        nodes = [node_id for node_id, _, _ in outcome["placement"]]
+        print(f"placement ({'embedded local Ray' if embedded else 'cluster'}): "
+              + ", ".join(f"rank {rank} on node {node[:8]}" for rank, node in enumerate(nodes)), flush=True)
+        extra["placement"]["nodes_by_rank"] = nodes
+        extra["restarts"] = outcome["restarts"]
     timer.mark("composition")
-    nodes = [node_id for node_id, _, _ in outcome["placement"]]
-    print(f"placement ({'embedded local Ray' if embedded else 'cluster'}): "
-          + ", ".join(f"rank {rank} on node {node[:8]}" for rank, node in enumerate(nodes)), flush=True)
-    placement = {"embedded": embedded, "nodes_by_rank": nodes}
-    return evaluate_on_rank_zero(inputs, outcome["result"]["bridges"], logger.curve, timer, {"placement": placement})
+    curve = [(record["step"], record["loss"]) for record in read_jsonl(run_dir / "metrics.jsonl")]
+    return evaluate_on_rank_zero(inputs, bridges, curve, timer, extra)

@@ -1,9 +1,11 @@
 """python -m launcher.train --config configs/<name>.yaml [--set key=value ...]
 
-Runs the job and prints the run directory as the last line. With run.launcher=ray (the config
-default) the composition runs on Ray workers: on the cluster named by $RAY_ADDRESS (as `ray job
-submit` sets it) or on an embedded local Ray; run.launcher=local runs it in this one process (what
-configs/kv_arithmetic.yaml, the default job, sets: see the README). Under torchrun
+Runs the job and prints the run directory as the last line. With run.launcher=ray (the default,
+also the default job's) the composition runs on Ray workers: on the cluster named by $RAY_ADDRESS
+(as `ray job submit` sets it) or on an embedded local Ray; run.launcher=local runs it in this one
+process. With checkpoint.every_steps > 0 the run directory is runs/<run.name>, sharded checkpoints go
+to its checkpoints/ (or checkpoint.dir), lost workers or nodes are survived, and running the same
+command again resumes from the latest checkpoint. Under torchrun
 (`torchrun --nproc_per_node K -m launcher.train ... --set parallel.anchor_ranks=N
 parallel.augment_stages=S`, K = N + S) the composition runs on the distributed runtime:
 ZeRO-3 anchor ranks plus forward-only augment pipeline stages.

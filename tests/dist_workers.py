@@ -23,6 +23,25 @@ def composition_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
     return {"role": result["role"], "losses": result["losses"], "bridges": bridges}
 
 
+def killed_while_checkpointing(rank: int, world_size: int, inputs: RunInputs, kill_step: int) -> dict:
+    """composition_run whose anchor rank dies (SIGKILL) once its files for ``kill_step`` are written,
+    before the checkpoint is published."""
+    import os
+    import signal
+
+    from calm_dist.checkpoint import CheckpointStore, checkpoint_name
+
+    upload = CheckpointStore.upload
+
+    def dying_upload(self, staging):
+        if staging.name.endswith(checkpoint_name(kill_step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return upload(self, staging)
+
+    CheckpointStore.upload = dying_upload
+    return composition_run(rank, world_size, inputs)
+
+
 def failing_run(rank: int, world_size: int, inputs: RunInputs, failing_rank: int) -> dict:
     if rank == failing_rank:
         raise RuntimeError(f"injected failure on rank {rank}")

@@ -9,7 +9,7 @@ from calm_dist.config import load_config
 from calm_dist.distributed.worker import RunInputs
 from calm_dist.train.pretrain import ensure_base_models
 from calm_dist.train.task_data import prepare_task_data
-from tests.ray_helpers import simulated_cluster
+from launcher.simulated_cluster import simulated_cluster
 from tests.test_distributed_parity import single_process
 
 pytestmark = pytest.mark.timeout(400)
@@ -35,11 +35,13 @@ def cluster():
 
 
 def test_roles_are_placed_by_resource_and_match_the_single_process_loss(prepared, cluster, tmp_path):
+    from launcher.ray_cluster import reserve
     from launcher.ray_driver import run_composition_on_ray
 
     config, task_data, model_dirs = prepared
     reports = []
-    outcome = run_composition_on_ray(config, RunInputs(config, task_data, model_dirs, tmp_path), reports.append)
+    outcome = run_composition_on_ray(config, RunInputs(config, task_data, model_dirs, tmp_path), reports.append,
+                                     reserve(config))
     nodes = [node_id for node_id, _, _ in outcome["placement"]]
     assert nodes[0] != nodes[1] and nodes[2] not in nodes[:2]
     node_resources = {node["NodeID"]: node["Resources"] for node in __import__("ray").nodes()}

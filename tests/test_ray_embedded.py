@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_helpers import RAY_ENV
+from launcher.simulated_cluster import RAY_ENV
 
 ROOT = Path(__file__).parent.parent
 

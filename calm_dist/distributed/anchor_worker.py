@@ -22,6 +22,9 @@ class StepReport:
     step_s: float
     wait_s: float
     bytes_received: int
+    checkpoint: str | None = None  # published after this step (anchor rank 0)
+    checkpoint_s: float = 0.0
+    finished_at: float = 0.0  # wall clock (time.time()) on the worker when the step was done
 
 
 def global_token_loss(logits, labels, attention_mask, world: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -40,9 +43,13 @@ def global_token_loss(logits, labels, attention_mask, world: int) -> tuple[torch
 
 
 class AnchorWorker:
-    def __init__(self, engine, groups: Groups, reader, receiver: ActivationReceiver, augment_hidden: int):
+    """``after_step(step, reader_position)`` runs on every anchor rank after each optimizer step (the
+    checkpointer); ``reader_position`` is the reader state whose next batch is step ``step + 1``'s."""
+
+    def __init__(self, engine, groups: Groups, reader, receiver: ActivationReceiver, augment_hidden: int,
+                 after_step: Callable[[int, dict], str | None] | None = None):
         self.engine, self.groups, self.reader, self.receiver = engine, groups, reader, receiver
-        self.augment_hidden = augment_hidden
+        self.augment_hidden, self.after_step = augment_hidden, after_step
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     def _post(self, step: int, batch: dict) -> None:
@@ -73,10 +80,13 @@ class AnchorWorker:
 
     def train(self, steps: range, on_step: Callable[[StepReport], None] | None = None) -> list[float]:
         losses = []
+        if not steps:  # resumed at the last step: nothing left to train
+            return losses
         batch = next(self.reader)
         self._post(steps.start, batch)
         for step in steps:
             started = time.perf_counter()
+            position = self.reader.state_dict()
             next_batch = next(self.reader) if step + 1 < steps.stop else None
             if next_batch is not None:
                 self._post(step + 1, next_batch)  # receives for the next step are posted ahead
@@ -84,9 +94,11 @@ class AnchorWorker:
             lr = self.engine.get_lr()[0]
             loss, tokens = self._step(batch, states)
             counters = self.receiver.counters.snapshot_and_reset()
+            step_s = time.perf_counter() - started
+            published = self.after_step(step + 1, position) if self.after_step is not None else None
             losses.append(loss)
             if on_step is not None:
-                on_step(StepReport(step + 1, loss, lr, tokens, time.perf_counter() - started,
-                                   counters["wait_s"], counters["bytes_received"]))
+                on_step(StepReport(step + 1, loss, lr, tokens, step_s, counters["wait_s"], counters["bytes_received"],
+                                   published, time.perf_counter() - started - step_s, time.time()))
             batch = next_batch
         return losses

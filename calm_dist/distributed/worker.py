@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from calm_dist.checkpoint import ResumePoint
 from calm_dist.config import Config
 from calm_dist.distributed.groups import Groups, init_groups
 from calm_dist.distributed.topology import ANCHOR, Topology, plan_topology
@@ -27,6 +28,13 @@ class RunInputs:
     task_data: TaskData
     model_dirs: dict[str, Path]
     run_dir: Path | None = None
+    checkpoints: str | None = None  # checkpoint store (path or URI) when checkpoint.every_steps > 0
+    checkpoint_meta: dict | None = None  # the run's identity, written into every checkpoint
+    resume: ResumePoint | None = None
+
+    @property
+    def first_step(self) -> int:
+        return self.resume.step if self.resume is not None else 0
 
 
 def _shape(path: Path) -> tuple[ModelShape, list[int]]:
@@ -61,10 +69,32 @@ def micro_batch_size(config: Config) -> int:
 
 
 def _reader(inputs: RunInputs, anchor_index: int):
+    """The D_C reader of one anchor rank's micro-batches, at the resume position if there is one."""
     from calm_dist.train.composition import composition_reader
 
-    return composition_reader(inputs.config, inputs.task_data, rank=anchor_index,
-                              world_size=inputs.config.parallel.anchor_ranks)
+    reader = composition_reader(inputs.config, inputs.task_data, rank=anchor_index,
+                                world_size=inputs.config.parallel.anchor_ranks)
+    if inputs.resume is not None:
+        reader.load_state_dict(inputs.resume.reader)
+    return reader
+
+
+def _checkpointer(inputs: RunInputs, engine, connections):
+    """after_step for the anchor ranks: a sharded checkpoint every checkpoint.every_steps and at the end."""
+    from calm_dist.checkpoint import CheckpointStore, save_checkpoint
+
+    every, keep, last = inputs.config.checkpoint.every_steps, inputs.config.checkpoint.keep, inputs.config.train.max_steps
+    if not every or inputs.checkpoints is None:
+        return None
+    store = CheckpointStore(inputs.checkpoints)
+    meta = {**(inputs.checkpoint_meta or {}), "connections": [list(pair) for pair in connections]}
+
+    def after_step(step: int, reader_position: dict) -> str | None:
+        if step % every and step != last:
+            return None
+        return save_checkpoint(engine, store, step, reader_position, meta, keep)
+
+    return after_step
 
 
 def run_augment_role(inputs: RunInputs, groups: Groups, steps: range) -> dict:
@@ -89,12 +119,20 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shap
 
     config = inputs.config
     micro = micro_batch_size(config)
-    anchor = configure_anchor(load_partitioned(inputs.model_dirs["anchor"], deepspeed_config(config, micro)), config)
+    anchor = load_partitioned(inputs.model_dirs["anchor"], deepspeed_config(config, micro),
+                              config.deepspeed.return_freed_memory)
+    anchor = configure_anchor(anchor, config)
     torch.manual_seed(config.run.seed + 4)  # the same bridge initialisation as the single-process model
     model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale)
-    engine, optimizer, _ = build_engine(model, config, micro)
+    resume = inputs.resume
+    engine, optimizer, _ = build_engine(model, config, micro, load_universal=resume is not None and resume.universal)
+    if resume is not None:
+        from calm_dist.checkpoint import load_checkpoint
+
+        load_checkpoint(engine, resume, groups.role.index)
     receiver = ActivationReceiver(groups.transport, wire_dtype(config.parallel.wire_dtype), groups.device)
-    worker = AnchorWorker(engine, groups, _reader(inputs, groups.role.index), receiver, augment_shape.hidden_size)
+    worker = AnchorWorker(engine, groups, _reader(inputs, groups.role.index), receiver, augment_shape.hidden_size,
+                          _checkpointer(inputs, engine, connections))
     losses = worker.train(steps, on_step)
     return {"role": groups.role.name, "losses": losses, "engine": engine, "optimizer": optimizer, "model": model}
 
@@ -103,7 +141,7 @@ def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_step=Non
     topology, connections, augment_shape = plan(inputs, world_size)
     parallel = inputs.config.parallel
     groups = init_groups(topology, rank, store, parallel.backend, parallel.timeout_s)
-    steps = range(0, inputs.config.train.max_steps)
+    steps = range(inputs.first_step, inputs.config.train.max_steps)
     if groups.role.kind == ANCHOR:
         from calm_dist.distributed.zero_anchor import init_deepspeed
 

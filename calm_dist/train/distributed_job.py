@@ -6,26 +6,31 @@ evaluates in one process.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from calm_dist.checkpoint import ResumePoint, prepare_checkpointing
 from calm_dist.config import Config
 from calm_dist.distributed.anchor_worker import StepReport
 from calm_dist.distributed.groups import env_store
 from calm_dist.distributed.worker import RunInputs, run_worker
-from calm_dist.train.report import MetricsLogger
+from calm_dist.train.report import MetricsLogger, read_jsonl
 from calm_dist.train.task_data import TaskData
 
 _INPUTS_KEY = "calm/run_inputs"
 
 
-def _publish(store, run_dir: Path, task_data: TaskData, model_dirs: dict[str, Path]) -> None:
-    payload = {"run_dir": str(run_dir), "data": str(task_data.directory),
-               "model_dirs": {side: str(path) for side, path in model_dirs.items()}}
+def _publish(store, inputs: RunInputs) -> None:
+    payload = {"run_dir": str(inputs.run_dir), "data": str(inputs.task_data.directory),
+               "model_dirs": {side: str(path) for side, path in inputs.model_dirs.items()},
+               "checkpoints": inputs.checkpoints, "checkpoint_meta": inputs.checkpoint_meta,
+               "resume": dataclasses.asdict(inputs.resume) if inputs.resume else None}
     store.set(_INPUTS_KEY, json.dumps(payload))
 
 
@@ -36,7 +41,9 @@ def _receive(store, config: Config) -> RunInputs:
     payload = json.loads(store.get(_INPUTS_KEY))
     data_dir = Path(payload["data"])
     task_data = TaskData(data_dir, dp.load_manifest(data_dir, check_rows=False))
-    return RunInputs(config, task_data, {k: Path(v) for k, v in payload["model_dirs"].items()}, Path(payload["run_dir"]))
+    resume = ResumePoint(**payload["resume"]) if payload["resume"] else None
+    return RunInputs(config, task_data, {k: Path(v) for k, v in payload["model_dirs"].items()}, Path(payload["run_dir"]),
+                     payload["checkpoints"], payload["checkpoint_meta"], resume)
 
 
 class StepLogger:
@@ -51,11 +58,24 @@ class StepLogger:
         record = {"step": report.step, "loss": report.loss, "lr": report.lr, "tokens": report.tokens,
                   "step_s": round(report.step_s, 4), "tokens_per_s": round(report.tokens / report.step_s, 1),
                   "anchor_wait_fraction": round(report.wait_s / report.step_s, 4),
-                  "bytes_received": report.bytes_received}
+                  "bytes_received": report.bytes_received, "time": round(report.finished_at or time.time(), 3)}
+        if report.checkpoint:
+            record.update(checkpoint=report.checkpoint, checkpoint_s=round(report.checkpoint_s, 4))
         self.metrics.log(record)
         self.curve.append((report.step, report.loss))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{report.loss:.4f}", wait=f"{record['anchor_wait_fraction']:.0%}")
+
+    def note(self, message: str) -> None:
+        """A line for the operator that the progress bar does not overwrite."""
+        self.bar.write(message)
+
+    def rewind(self, step: int) -> None:
+        """Training restarts after ``step``: later records are dropped, the bar goes back."""
+        self.metrics.rewind(step)
+        self.curve = [(s, loss) for s, loss in self.curve if s <= step]
+        self.bar.n = step
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -87,12 +107,17 @@ def run_torchrun_job(config: Config) -> Path | None:
     timer = Timer()
     store, rank, world_size = env_store(config.parallel.timeout_s)
     if rank == 0:
-        run_dir, task_data, model_dirs = prepare_run(config, timer)
-        _publish(store, run_dir, task_data, model_dirs)
-        inputs = RunInputs(config, task_data, model_dirs, run_dir)
+        run_dir, task_data, model_dirs = prepare_run(config, timer, resumable=config.checkpoint.every_steps > 0)
+        checkpoints, identity, resume = prepare_checkpointing(config, run_dir, model_dirs)
+        inputs = RunInputs(config, task_data, model_dirs, run_dir, checkpoints.uri if checkpoints else None,
+                           identity, resume)
+        _publish(store, inputs)
     else:
         inputs = _receive(store, config)
     logger = StepLogger(inputs.run_dir, config.train.max_steps) if rank == 0 else None
+    if logger is not None and inputs.resume is not None:
+        logger.rewind(inputs.resume.step)
+        logger.note(f"resuming from checkpoint {inputs.resume.name} (step {inputs.resume.step})")
     try:
         result = run_worker(inputs, rank, world_size, store, on_step=logger)
     finally:
@@ -104,4 +129,5 @@ def run_torchrun_job(config: Config) -> Path | None:
     if rank != 0:
         return None
     timer.mark("composition")
-    return evaluate_on_rank_zero(inputs, bridges, logger.curve, timer)
+    curve = [(record["step"], record["loss"]) for record in read_jsonl(inputs.run_dir / "metrics.jsonl")]
+    return evaluate_on_rank_zero(inputs, bridges, curve, timer)

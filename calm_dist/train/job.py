@@ -17,7 +17,14 @@ from calm_dist.train.report import MetricsLogger, format_table, plot_losses, rea
 from calm_dist.train.task_data import prepare_task_data
 
 
-def make_run_dir(config: Config) -> Path:
+def make_run_dir(config: Config, resumable: bool = False) -> Path:
+    """runs/<name>-<time>; a resumable run (checkpointing on) uses runs/<name>, so a rerun finds its
+    checkpoints."""
+    if resumable:
+        run_dir = Path(config.run.output_dir) / config.run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        return run_dir
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
     suffix = 1
@@ -55,11 +62,11 @@ class Timer:
                 "total_s": round(time.perf_counter() - self.started, 1)}
 
 
-def prepare_run(config: Config, timer: Timer):
+def prepare_run(config: Config, timer: Timer, resumable: bool = False):
     """Run directory, data and base models: everything the composition needs, before any worker."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    run_dir = make_run_dir(config)
+    run_dir = make_run_dir(config, resumable)
     print(f"run directory: {run_dir}", flush=True)
     task_data = prepare_task_data(config)
     timer.mark("data")

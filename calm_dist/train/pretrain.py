@@ -28,9 +28,24 @@ def model_dir(config: Config, side: str, task_data: TaskData) -> Path:
     return Path(config.run.cache_dir) / "models" / f"{side}-{key}"
 
 
-def _pretrain(config: Config, side: str, task_data: TaskData, target: Path, threads: int) -> dict:
+class _ThreadHandover:
+    """Side by side each model trains on one thread; the one still training when the other is done
+    takes every thread for the rest of its steps."""
+
+    def __init__(self, other_done, all_threads: int):
+        self.other_done, self.all_threads, self.taken = other_done, all_threads, False
+
+    def __call__(self) -> None:
+        if not self.taken and self.other_done is not None and self.other_done.is_set():
+            torch.set_num_threads(self.all_threads)
+            self.taken = True
+
+
+def _pretrain(config: Config, side: str, task_data: TaskData, target: Path, threads: int,
+              done=None, other_done=None, all_threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    handover = _ThreadHandover(other_done, all_threads)
     base = getattr(config, side)
     seed = config.run.seed + (1 if side == "augment" else 2)
     model = build_model(base.model, task_data.vocab_size, task_data.special_ids, seed).train()
@@ -45,8 +60,10 @@ def _pretrain(config: Config, side: str, task_data: TaskData, target: Path, thre
     start = time.perf_counter()
     train_loop(loss_fn, list(model.parameters()), reader, OptimSettings.of(base.pretrain),
                description=f"pretrain {side} ({'m_A' if side == 'augment' else 'm_B'})",
-               on_step=lambda step, loss, lr: log.append({"step": step, "loss": loss, "lr": lr}))
+               on_step=lambda step, loss, lr: (log.append({"step": step, "loss": loss, "lr": lr}), handover()))
     seconds = time.perf_counter() - start
+    if done is not None:
+        done.set()
     tokenizer = dp.load_tokenizer(task_data.tokenizer_dir)
     save_atomically(model.eval(), tokenizer, target, {"side": side, "seconds": seconds, "log": log})
     return {"side": side, "seconds": seconds, "final_loss": log[-1]["loss"]}
@@ -59,10 +76,13 @@ def ensure_base_models(config: Config, task_data: TaskData) -> dict[str, Path]:
     for side in missing:
         if getattr(config, side).model.path:
             load_pretrained(targets[side], side)  # raises FileNotFoundError naming the key
-    if len(missing) == 2 and (config.run.threads or torch.get_num_threads()) >= 2:
+    all_threads = config.run.threads or torch.get_num_threads()
+    if len(missing) == 2 and all_threads >= 2:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
-            futures = [pool.submit(_pretrain, config, side, task_data, targets[side], 1) for side in missing]
+        with context.Manager() as manager, ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+            done = {side: manager.Event() for side in missing}
+            futures = [pool.submit(_pretrain, config, side, task_data, targets[side], 1, done[side],
+                                   done[other], all_threads) for side, other in zip(missing, reversed(missing))]
             for future in futures:
                 future.result()
     else:

@@ -32,6 +32,15 @@ class MetricsLogger:
             if key != "step" and isinstance(value, (int, float)):
                 self._writer.add_scalar(key, value, step)
 
+    def rewind(self, step: int) -> None:
+        """Forgets the records after ``step`` (a run resumed from the checkpoint of ``step``)."""
+        self._file.close()
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
+        self._file = open(self.path, "a", buffering=1)
+
     def close(self) -> None:
         self._file.close()
         self._writer.close()

@@ -1,4 +1,6 @@
-"""A simulated multi-node Ray cluster on one machine (the traps are in ../shared/ENVIRONMENT.md)."""
+"""A simulated multi-node Ray cluster on one machine, for tests, benchmarks and trying a multi-node
+config without a cluster. Each node gets its own loopback address (Ray rewrites 127.0.0.1 and would
+hang) and the driver a short temp root (Ray's unix-socket paths must stay under 107 bytes)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +11,13 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GLOO_SO
            "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
 
 
+# A lost node is declared dead after ~2 s instead of ~30 s.
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                   "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+
+
 @contextlib.contextmanager
-def simulated_cluster(nodes: list[dict]):
+def simulated_cluster(nodes: list[dict], system_config: dict | None = None):
     """Head (no CPUs) + one node per entry of ``nodes`` (``{"num_cpus": 1, "resources": {...}}``),
     each on its own loopback address; the driver connects. Shut down on exit."""
     import ray
@@ -18,9 +25,11 @@ def simulated_cluster(nodes: list[dict]):
 
     os.environ.update(RAY_ENV)
     root = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # unix-socket paths must stay short
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "node_ip_address": "127.0.0.2", "include_dashboard": False,
-        "object_store_memory": 80 * 1024 * 1024, "temp_dir": os.path.join(root, "head")})
+    head = {"num_cpus": 0, "node_ip_address": "127.0.0.2", "include_dashboard": False,
+            "object_store_memory": 80 * 1024 * 1024, "temp_dir": os.path.join(root, "head")}
+    if system_config:
+        head["_system_config"] = system_config
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for index, node in enumerate(nodes):
             cluster.add_node(node_ip_address=f"127.0.0.{index + 3}", object_store_memory=80 * 1024 * 1024,

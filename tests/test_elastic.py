@@ -1,0 +1,191 @@
+"""Elastic, fault-tolerant runs on a simulated multi-node Ray cluster: worker kill, node loss, resharding."""
+import copy
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm_dist.checkpoint import CheckpointStore, checkpoint_name
+from calm_dist.config import load_config
+from calm_dist.train.report import read_jsonl
+from launcher.simulated_cluster import FAST_NODE_DEATH, simulated_cluster
+
+pytestmark = pytest.mark.timeout(420)
+NODES = [{"num_cpus": 1, "resources": {"anchor": 1}}, {"num_cpus": 1, "resources": {"anchor": 1}},
+         {"num_cpus": 1, "resources": {"augment": 1}}]
+STEPS, EVERY = 40, 4
+
+
+@pytest.fixture(scope="module")
+def base_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("elastic")
+    return load_config("configs/tiny.yaml", [
+        f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}", f"train.max_steps={STEPS}",
+        "train.batch_size=8", f"checkpoint.every_steps={EVERY}", "checkpoint.keep=2", "parallel.timeout_s=60",
+        "parallel.anchor_ranks=2", "parallel.augment_stages=1", "parallel.min_anchor_ranks=1",
+        "ray.anchor_resources={anchor: 1}", "ray.augment_resources={augment: 1}", "ray.max_failures=2",
+        "ray.placement_timeout_s=60", "eval.batch_size=32"])
+
+
+def configured(config, **dotted):
+    config = copy.deepcopy(config)
+    for key, value in dotted.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+def run_driver(config) -> Path:
+    from launcher.ray_driver import run_ray_job
+
+    return run_ray_job(config)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def when_steps_logged(run_dir: Path, count: int, action, timeout_s: float = 180) -> threading.Thread:
+    """Runs ``action()`` once metrics.jsonl holds ``count`` steps (a watcher thread)."""
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(read_jsonl(run_dir / "metrics.jsonl")) >= count:
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def sigkill_process_titled(title: str) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if title.encode() in handle.read():
+                    os.kill(int(pid), signal.SIGKILL)
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"no process titled {title}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with simulated_cluster(NODES, FAST_NODE_DEATH) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(base_config, cluster):
+    """An uninterrupted 2-anchor-rank run with the same seed."""
+    return run_driver(configured(base_config, run__name="reference"))
+
+
+def assert_continuous_and_equal(run_dir: Path, reference: Path, from_step: int = 1) -> None:
+    got, expected = losses(run_dir), losses(reference)
+    assert sorted(got) == list(range(from_step, STEPS + 1))  # no step twice, none skipped
+    worst = max(abs(got[step] - expected[step]) for step in got)
+    assert worst <= 1e-5, f"largest loss difference to the uninterrupted run: {worst:.2e}"
+    final = CheckpointStore(str(run_dir / "checkpoints")).latest()
+    model_states = next((run_dir / "checkpoints" / final / "ds" / final).glob("*model_states.pt"))
+    assert torch.load(model_states, weights_only=False)["global_steps"] == STEPS  # optimizer steps taken
+
+
+def test_sigkill_of_an_anchor_worker_resumes_from_the_latest_checkpoint(base_config, cluster, reference):
+    config = configured(base_config, run__name="sigkill")
+    run_dir = Path(config.run.output_dir) / "sigkill"
+    killed = []
+    when_steps_logged(run_dir, 10, lambda: killed.append(sigkill_process_titled("AnchorRank1")))
+    run_driver(config)
+    assert killed, "the anchor worker was never killed"
+    restarts = json.loads((run_dir / "run_summary.json").read_text())["restarts"]
+    assert len(restarts) == 1 and restarts[0]["resumed_step"] % EVERY == 0 and restarts[0]["resumed_step"] >= 8
+    assert_continuous_and_equal(run_dir, reference)
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    assert store.complete() == [checkpoint_name(STEPS - EVERY), checkpoint_name(STEPS)]  # checkpoint.keep=2
+    assert (run_dir / "results.json").is_file()
+
+
+def test_checkpoint_written_at_one_rank_resumes_at_two_with_the_same_losses(base_config, cluster, reference):
+    one = configured(base_config, run__name="one_rank", parallel__anchor_ranks=1, checkpoint__keep=100)
+    one_dir = run_driver(one)
+    # The store as a crash right after step 20's checkpoint leaves it.
+    two_dir = Path(base_config.run.output_dir) / "resharded"
+    name = checkpoint_name(20)
+    shutil.copytree(one_dir / "checkpoints" / name, two_dir / "checkpoints" / name)
+    (two_dir / "checkpoints" / "latest").write_text(name)
+    run_driver(configured(base_config, run__name="resharded"))
+    assert (two_dir / "checkpoints" / name / "universal").is_dir()
+    assert_continuous_and_equal(two_dir, reference, from_step=21)
+
+
+def test_resume_against_a_changed_base_model_is_refused(base_config, cluster, reference, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    summary = json.loads((reference / "run_summary.json").read_text())
+    changed = tmp_path / "anchor"
+    shutil.copytree(summary["base_models"]["anchor"]["path"], changed)
+    weights = load_file(str(changed / "model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.01
+    save_file(weights, str(changed / "model.safetensors"))
+    before = (reference / "metrics.jsonl").read_text()
+    config = configured(base_config, run__name="reference", train__max_steps=STEPS + 8)
+    config.anchor.model.path = str(changed)
+    with pytest.raises(ValueError, match=r"anchor model .* sha256 .*Restore those weights"):
+        run_driver(config)
+    assert (reference / "metrics.jsonl").read_text() == before  # nothing ran
+
+
+def test_losing_a_node_continues_on_one_anchor_rank(base_config, reference):
+    with simulated_cluster(NODES, FAST_NODE_DEATH) as own_cluster:
+        config = configured(base_config, run__name="node_loss")
+        run_dir = Path(config.run.output_dir) / "node_loss"
+        anchor_node = own_cluster.list_all_nodes()[1]  # one of the two {"anchor": 1} nodes
+        removed = threading.Event()
+        when_steps_logged(run_dir, 10, removed.set)
+        outcome = {}
+
+        def drive():
+            try:
+                outcome["run_dir"] = run_driver(config)
+            except BaseException as error:  # reported by the main thread
+                outcome["error"] = error
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        assert removed.wait(180), "training never reached step 10"
+        own_cluster.remove_node(anchor_node)  # on the main thread, as Ray's Cluster requires
+        driver.join(300)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome.get("run_dir") == run_dir
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["restarts"][-1]["anchor_ranks"] == 1
+    assert len(summary["placement"]["nodes_by_rank"]) == 2  # 1 anchor rank + 1 augment stage
+    assert_continuous_and_equal(run_dir, reference)
+
+
+def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_path):
+    import calm_dist
+    from launcher.export import main as export_main
+
+    assert export_main(["--run", str(reference), "--out", str(tmp_path / "export")]) == 0
+    model = calm_dist.load_exported(tmp_path / "export")
+    final = torch.load(reference / "composition.pt", weights_only=True)
+    exported = model.composition_state_dict()
+    assert exported.keys() == final.keys()
+    for key, value in final.items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+    ids = torch.tensor([[5, 6, 7]])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, eos_token_id=None)
+    assert out.shape == (1, 6)
+    assert export_main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
