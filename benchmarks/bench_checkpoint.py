@@ -82,7 +82,7 @@ def measure(work: Path, steps: int, kill_step: int) -> dict:
     summary = json.loads((run_dir / "run_summary.json").read_text())
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / latest).rglob("*") if f.is_file())
-    saves = [r["checkpoint_s"] for r in records if r.get("checkpoint")]
+    saves = [e["seconds"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
     return {
         "params": summary["composition_parameters"], "bytes": size,
         "recovery_s": min(r["time"] for r in records if r["time"] > killed[0]) - killed[0],

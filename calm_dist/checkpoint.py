@@ -159,7 +159,9 @@ class CheckpointStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             staging = target.with_name(target.name + ".download")
-            fs.copy_files(self.path(name, *parts), str(staging), source_filesystem=self.fs)
+            staging.mkdir(parents=True, exist_ok=True)
+            fs.copy_files(self.path(name, *parts), str(staging), source_filesystem=self.fs,
+                          destination_filesystem=fs.LocalFileSystem())
             staging.rename(target)
         return target
 

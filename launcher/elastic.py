@@ -15,10 +15,12 @@ import dataclasses
 import time
 
 from calm_dist.checkpoint import CheckpointStore, find_resume_point
+from calm_dist.distributed.anchor_worker import CheckpointReport
 from calm_dist.config import Config
+from launcher.ray_driver import Restart
 
 
-class GrowBack(Exception):
+class GrowBack(Restart):
     """The full plan fits again and a checkpoint was just published: restart at the configured size."""
 
 
@@ -41,15 +43,27 @@ def place(config: Config, after_failure: bool):
     """(anchor ranks, ready placement group) for the largest plan the live cluster holds.
 
     After a failure Ray may not yet have noticed a dead node, so a plan that looks feasible can stay
-    pending: each size but the smallest gets a short wait before the next smaller one is tried.
+    pending: each size but the smallest gets a short wait before the next smaller one is tried, and
+    when none fits the sizes are tried again until ``ray.placement_timeout_s`` has passed.
     """
+    deadline = time.monotonic() + config.ray.placement_timeout_s
+    while True:
+        try:
+            return _place_once(config, after_failure)
+        except ValueError:
+            if not after_failure or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+def _place_once(config: Config, after_failure: bool):
     from launcher.ray_cluster import reserve
 
     sizes = candidate_sizes(config, after_failure)
     errors = []
     for position, ranks in enumerate(sizes):
         last = position == len(sizes) - 1
-        wait = config.ray.placement_timeout_s if last else min(15, config.ray.placement_timeout_s)
+        wait = config.ray.placement_timeout_s if last and not after_failure else 15
         try:
             return ranks, reserve(sized(config, ranks), timeout_s=wait)
         except ValueError as error:
@@ -120,7 +134,8 @@ def _grow_back_watch(config: Config, ranks: int, logger):
 
     def on_report(report) -> None:
         logger(report)
-        if shrunk and report.checkpoint and report.step < config.train.max_steps and _full_plan_fits(config):
+        if shrunk and isinstance(report, CheckpointReport) and report.step < config.train.max_steps \
+                and _full_plan_fits(config):
             raise GrowBack()
 
     return on_report

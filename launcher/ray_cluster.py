@@ -107,7 +107,7 @@ class RankWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
         torch.set_num_threads(max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         store, _, _ = env_store(inputs.config.parallel.timeout_s)
-        on_step = (lambda report: reports.put(report.__dict__)) if reports is not None else None
+        on_step = (lambda report: reports.put((type(report).__name__, report.__dict__))) if reports is not None else None
         result = run_worker(inputs, rank, world_size, store, on_step=on_step)
         if "model" not in result:
             return {"role": result["role"]}

@@ -28,15 +28,35 @@ def connect(config: Config) -> bool:
     return True
 
 
-def _drain(queue, logger) -> None:
-    from calm_dist.distributed.anchor_worker import StepReport
+class Restart(Exception):
+    """Raised by a report handler to stop the workers so that the job restarts (e.g. to grow back)."""
 
-    for report in queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []:
-        logger(StepReport(**report))
+
+def _drain(queue, logger) -> None:
+    from calm_dist.distributed.anchor_worker import CheckpointReport, StepReport
+
+    kinds = {"StepReport": StepReport, "CheckpointReport": CheckpointReport}
+    restart = None
+    for kind, fields in queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []:
+        try:
+            logger(kinds[kind](**fields))
+        except Restart as request:  # every report of the batch is logged first
+            restart = request
+    if restart is not None:
+        raise restart
+
+
+def _drain_after_stop(queue, logger) -> None:
+    """Reports the workers sent before they were stopped: a restart rewinds to its checkpoint, and every
+    step up to a published checkpoint was reported before it."""
+    try:
+        _drain(queue, logger)
+    except Restart:
+        pass
 
 
 def _wait_all(futures, actors, queue, logger) -> list[dict]:
-    """Streams step reports while the workers run; the first failure stops every worker."""
+    """Streams step reports while the workers run; the first failure (or a Restart) stops every worker."""
     import ray
 
     pending = list(futures)
@@ -51,6 +71,7 @@ def _wait_all(futures, actors, queue, logger) -> list[dict]:
     except Exception:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        _drain_after_stop(queue, logger)
         raise
 
 

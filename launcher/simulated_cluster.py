@@ -11,9 +11,10 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GLOO_SO
            "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
 
 
-# A lost node is declared dead after ~2 s instead of ~30 s.
-FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                   "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+# A lost node is declared dead after a few seconds instead of ~30 s (slack enough for a busy 2-core host:
+# a live node missing its checks would be declared dead for good).
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                   "health_check_timeout_ms": 3000, "health_check_failure_threshold": 3}
 
 
 @contextlib.contextmanager

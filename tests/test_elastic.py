@@ -90,14 +90,16 @@ def reference(base_config, cluster):
     return run_driver(configured(base_config, run__name="reference"))
 
 
-def assert_continuous_and_equal(run_dir: Path, reference: Path, from_step: int = 1) -> None:
+def assert_continuous_and_equal(run_dir: Path, reference: Path, from_step: int = 1, steps: int = STEPS,
+                                tolerance: float = 1e-5, until_step: int | None = None) -> None:
     got, expected = losses(run_dir), losses(reference)
-    assert sorted(got) == list(range(from_step, STEPS + 1))  # no step twice, none skipped
-    worst = max(abs(got[step] - expected[step]) for step in got)
-    assert worst <= 1e-5, f"largest loss difference to the uninterrupted run: {worst:.2e}"
+    logged = [record["step"] for record in read_jsonl(run_dir / "metrics.jsonl")]
+    assert logged == list(range(from_step, steps + 1))  # no step twice, none skipped
+    worst = max(abs(got[step] - expected[step]) for step in got if until_step is None or step <= until_step)
+    assert worst <= tolerance, f"largest loss difference to the uninterrupted run: {worst:.2e}"
     final = CheckpointStore(str(run_dir / "checkpoints")).latest()
     model_states = next((run_dir / "checkpoints" / final / "ds" / final).glob("*model_states.pt"))
-    assert torch.load(model_states, weights_only=False)["global_steps"] == STEPS  # optimizer steps taken
+    assert torch.load(model_states, weights_only=False)["global_steps"] == steps  # optimizer steps taken
 
 
 def test_sigkill_of_an_anchor_worker_resumes_from_the_latest_checkpoint(base_config, cluster, reference):
@@ -123,8 +125,9 @@ def test_checkpoint_written_at_one_rank_resumes_at_two_with_the_same_losses(base
     name = checkpoint_name(20)
     shutil.copytree(one_dir / "checkpoints" / name, two_dir / "checkpoints" / name)
     (two_dir / "checkpoints" / "latest").write_text(name)
-    run_driver(configured(base_config, run__name="resharded"))
-    assert (two_dir / "checkpoints" / name / "universal").is_dir()
+    run_driver(configured(base_config, run__name="resharded", checkpoint__keep=100))
+    assert (two_dir / "checkpoints" / name / "universal").is_dir()  # converted once, for 2 ranks
+    assert len(json.loads((two_dir / "run_summary.json").read_text())["placement"]["nodes_by_rank"]) == 3
     assert_continuous_and_equal(two_dir, reference, from_step=21)
 
 
@@ -141,37 +144,9 @@ def test_resume_against_a_changed_base_model_is_refused(base_config, cluster, re
     before = (reference / "metrics.jsonl").read_text()
     config = configured(base_config, run__name="reference", train__max_steps=STEPS + 8)
     config.anchor.model.path = str(changed)
-    with pytest.raises(ValueError, match=r"anchor model .* sha256 .*Restore those weights"):
+    with pytest.raises(ValueError, match=r"anchor model .*sha256 .*Restore those weights"):
         run_driver(config)
     assert (reference / "metrics.jsonl").read_text() == before  # nothing ran
-
-
-def test_losing_a_node_continues_on_one_anchor_rank(base_config, reference):
-    with simulated_cluster(NODES, FAST_NODE_DEATH) as own_cluster:
-        config = configured(base_config, run__name="node_loss")
-        run_dir = Path(config.run.output_dir) / "node_loss"
-        anchor_node = own_cluster.list_all_nodes()[1]  # one of the two {"anchor": 1} nodes
-        removed = threading.Event()
-        when_steps_logged(run_dir, 10, removed.set)
-        outcome = {}
-
-        def drive():
-            try:
-                outcome["run_dir"] = run_driver(config)
-            except BaseException as error:  # reported by the main thread
-                outcome["error"] = error
-
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
-        assert removed.wait(180), "training never reached step 10"
-        own_cluster.remove_node(anchor_node)  # on the main thread, as Ray's Cluster requires
-        driver.join(300)
-        assert "error" not in outcome, outcome.get("error")
-        assert outcome.get("run_dir") == run_dir
-    summary = json.loads((run_dir / "run_summary.json").read_text())
-    assert summary["restarts"][-1]["anchor_ranks"] == 1
-    assert len(summary["placement"]["nodes_by_rank"]) == 2  # 1 anchor rank + 1 augment stage
-    assert_continuous_and_equal(run_dir, reference)
 
 
 def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_path):

@@ -22,9 +22,8 @@ class StepReport:
     step_s: float
     wait_s: float
     bytes_received: int
-    checkpoint: str | None = None  # published after this step (anchor rank 0)
-    checkpoint_s: float = 0.0
     finished_at: float = 0.0  # wall clock (time.time()) on the worker when the step was done
+    anchor_ranks: int = 1
 
 
 def global_token_loss(logits, labels, attention_mask, world: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -40,6 +39,16 @@ def global_token_loss(logits, labels, attention_mask, world: int) -> tuple[torch
         dist.all_reduce(count)
     total = int(count.item())
     return local_sum * world / max(total, 1), local_sum.detach(), total
+
+
+@dataclass
+class CheckpointReport:
+    """Sent after the step's own report, once the checkpoint of ``step`` is published (anchor rank 0)."""
+
+    step: int
+    name: str
+    seconds: float  # writing and publishing, all ranks
+    finished_at: float
 
 
 class AnchorWorker:
@@ -94,11 +103,15 @@ class AnchorWorker:
             lr = self.engine.get_lr()[0]
             loss, tokens = self._step(batch, states)
             counters = self.receiver.counters.snapshot_and_reset()
-            step_s = time.perf_counter() - started
-            published = self.after_step(step + 1, position) if self.after_step is not None else None
             losses.append(loss)
+            # The step is reported before its checkpoint is published: a restart from that checkpoint
+            # then never lacks the step's record.
             if on_step is not None:
-                on_step(StepReport(step + 1, loss, lr, tokens, step_s, counters["wait_s"], counters["bytes_received"],
-                                   published, time.perf_counter() - started - step_s, time.time()))
+                on_step(StepReport(step + 1, loss, lr, tokens, time.perf_counter() - started, counters["wait_s"],
+                                   counters["bytes_received"], time.time(), self.groups.topology.anchor_ranks))
+            saving = time.perf_counter()
+            published = self.after_step(step + 1, position) if self.after_step is not None else None
+            if published is not None and on_step is not None:
+                on_step(CheckpointReport(step + 1, published, time.perf_counter() - saving, time.time()))
             batch = next_batch
         return losses

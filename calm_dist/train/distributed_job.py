@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from calm_dist.checkpoint import ResumePoint, prepare_checkpointing
 from calm_dist.config import Config
-from calm_dist.distributed.anchor_worker import StepReport
+from calm_dist.distributed.anchor_worker import CheckpointReport, StepReport
 from calm_dist.distributed.groups import env_store
 from calm_dist.distributed.worker import RunInputs, run_worker
-from calm_dist.train.report import MetricsLogger, read_jsonl
+from calm_dist.train.report import EventLog, MetricsLogger, read_jsonl
 from calm_dist.train.task_data import TaskData
 
 _INPUTS_KEY = "calm/run_inputs"
@@ -47,28 +47,33 @@ def _receive(store, config: Config) -> RunInputs:
 
 
 class StepLogger:
-    """Anchor rank 0's view of the job: one progress bar and metrics.jsonl / TensorBoard."""
+    """The driver's view of the job: one progress bar, metrics.jsonl / TensorBoard, events.jsonl."""
 
     def __init__(self, run_dir: Path, total_steps: int):
         self.metrics = MetricsLogger(run_dir)
+        self.events = EventLog(run_dir / "events.jsonl")
         self.bar = tqdm(total=total_steps, desc="composition (distributed)", dynamic_ncols=True)
         self.curve: list[tuple[int, float]] = []
 
-    def __call__(self, report: StepReport) -> None:
+    def __call__(self, report: StepReport | CheckpointReport) -> None:
+        if isinstance(report, CheckpointReport):
+            self.events.log({"event": "checkpoint", "step": report.step, "name": report.name,
+                             "seconds": round(report.seconds, 4), "time": round(report.finished_at, 3)})
+            return
         record = {"step": report.step, "loss": report.loss, "lr": report.lr, "tokens": report.tokens,
                   "step_s": round(report.step_s, 4), "tokens_per_s": round(report.tokens / report.step_s, 1),
                   "anchor_wait_fraction": round(report.wait_s / report.step_s, 4),
-                  "bytes_received": report.bytes_received, "time": round(report.finished_at or time.time(), 3)}
-        if report.checkpoint:
-            record.update(checkpoint=report.checkpoint, checkpoint_s=round(report.checkpoint_s, 4))
+                  "bytes_received": report.bytes_received, "time": round(report.finished_at or time.time(), 3),
+                  "anchor_ranks": report.anchor_ranks}
         self.metrics.log(record)
         self.curve.append((report.step, report.loss))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{report.loss:.4f}", wait=f"{record['anchor_wait_fraction']:.0%}")
 
     def note(self, message: str) -> None:
-        """A line for the operator that the progress bar does not overwrite."""
+        """A line for the operator that the progress bar does not overwrite, also kept in events.jsonl."""
         self.bar.write(message)
+        self.events.log({"event": "note", "message": message, "time": round(time.time(), 3)})
 
     def rewind(self, step: int) -> None:
         """Training restarts after ``step``: later records are dropped, the bar goes back."""

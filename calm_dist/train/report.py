@@ -46,6 +46,17 @@ class MetricsLogger:
         self._writer.close()
 
 
+class EventLog:
+    """events.jsonl: what happened besides steps (checkpoints, failures, restarts), one JSON object a line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, event: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(event) + "\n")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
