@@ -17,7 +17,7 @@ import time
 from calm_dist.checkpoint import CheckpointStore, find_resume_point
 from calm_dist.distributed.anchor_worker import CheckpointReport
 from calm_dist.config import Config
-from launcher.ray_driver import Restart
+from launcher.ray_driver import Restart, WorkerLost
 
 
 class GrowBack(Restart):
@@ -114,7 +114,7 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None, i
         except GrowBack:
             logger.note(f"the cluster holds {config.parallel.anchor_ranks} anchor ranks again: growing back")
             restarts.append({"reason": "grow back", "at": time.time()})
-        except ray.exceptions.RayError as error:
+        except (ray.exceptions.RayError, WorkerLost) as error:
             failures += 1
             restarts.append({"reason": _last_line(error), "at": time.time()})
             latest = store.latest() if store is not None else None

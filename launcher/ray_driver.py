@@ -28,6 +28,10 @@ def connect(config: Config) -> bool:
     return True
 
 
+class WorkerLost(RuntimeError):
+    """A worker process or its node died (the role is named); the job can restart without it."""
+
+
 class Restart(Exception):
     """Raised by a report handler to stop the workers so that the job restarts (e.g. to grow back)."""
 
@@ -55,7 +59,7 @@ def _drain_after_stop(queue, logger) -> None:
         pass
 
 
-def _wait_all(futures, actors, queue, logger) -> list[dict]:
+def _wait_all(futures, actors, queue, logger, names: list[str]) -> list[dict]:
     """Streams step reports while the workers run; the first failure (or a Restart) stops every worker."""
     import ray
 
@@ -68,11 +72,30 @@ def _wait_all(futures, actors, queue, logger) -> list[dict]:
                 ray.get(ready)  # raises the worker's error at once
         _drain(queue, logger)
         return ray.get(futures)
-    except Exception:
+    except Exception as error:
+        death = _actor_death(futures, names) if isinstance(error, ray.exceptions.RayError) else None
         for actor in actors:
             ray.kill(actor, no_restart=True)
         _drain_after_stop(queue, logger)
+        if death is not None:
+            raise death from error
         raise
+
+
+def _actor_death(futures, names: list[str], within_s: float = 2.0) -> WorkerLost | None:
+    """When a worker dies its peers fail too (e.g. a gloo read error); the death is the cause to report."""
+    import ray
+
+    ready, _ = ray.wait(list(futures), num_returns=len(futures), timeout=within_s)
+    for future in ready:
+        try:
+            ray.get(future)
+        except ray.exceptions.RayActorError as death:
+            detail = str(death).strip().splitlines()[0][:200]
+            return WorkerLost(f"{names[futures.index(future)]} died: {detail}")
+        except Exception:  # noqa: BLE001  (a peer's consequential error)
+            continue
+    return None
 
 
 def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
@@ -94,7 +117,7 @@ def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
         queue = Queue(actor_options={"num_cpus": 0})
         futures = [actor.run.remote(inputs, rank, topology.world_size, (master_ip, master_port),
                                     queue if rank == 0 else None) for rank, actor in enumerate(actors)]
-        results = _wait_all(futures, actors, queue, on_report)
+        results = _wait_all(futures, actors, queue, on_report, names)
         placement = ray.get([a.node_address.remote() for a in actors])
         for actor in actors:
             ray.kill(actor, no_restart=True)

@@ -82,3 +82,12 @@ def test_figure_line_keeps_small_values_and_rejects_non_positive():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(RuntimeError):
             figure_line("f", bad, 1.0, "lower")
+
+
+@pytest.mark.timeout(400)
+def test_checkpoint_benchmark_quick():
+    figures = parse_figures(run_quick("benchmarks.bench_checkpoint"))
+    assert set(figures) == {"checkpoint_bytes_over_composition_state", "seconds_from_worker_kill_to_next_trained_step",
+                            "checkpoint_save_over_step_time"}
+    size = figures["checkpoint_bytes_over_composition_state"]
+    assert 1.0 <= size["value"] <= 1.1 and size["bytes"] >= 3 * 4 * size["composition_parameters"]

@@ -164,3 +164,12 @@ def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_pat
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, eos_token_id=None)
     assert out.shape == (1, 6)
     assert export_main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_rerunning_a_finished_run_only_evaluates_its_last_checkpoint(base_config, cluster, reference, capsys):
+    before = (reference / "metrics.jsonl").read_text()
+    results = (reference / "results.json").read_text()
+    assert run_driver(configured(base_config, run__name="reference")) == reference
+    assert f"{checkpoint_name(STEPS)} is at train.max_steps={STEPS}: evaluating it" in capsys.readouterr().out
+    assert (reference / "metrics.jsonl").read_text() == before
+    assert (reference / "results.json").read_text() == results  # the same bridges, evaluated again
