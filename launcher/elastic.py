@@ -88,13 +88,13 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None, i
     """Runs the composition on Ray until it completes, restarting after failures; returns rank 0's result."""
     import ray
 
-    from launcher.ray_driver import run_composition_on_ray
-
     from ray.util.placement_group import remove_placement_group
+
+    from launcher.ray_driver import run_composition_on_ray
 
     failures, restarts = 0, []
     while True:
-        ranks, group = place(config, after_failure=failures > 0)
+        ranks, group = _place_or_give_up(config, failures, store)
         try:
             point = find_resume_point(store, identity, ranks) if store is not None else None
         except BaseException:
@@ -102,8 +102,9 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None, i
             raise
         if restarts:
             restarts[-1].update(resumed_step=point.step if point else 0, anchor_ranks=ranks)
+        if restarts or point is not None:  # records after the point of restart are replaced
+            logger.rewind(point.step if point else 0)
         if point is not None:
-            logger.rewind(point.step)
             logger.note(f"resuming from checkpoint {point.name} (step {point.step}, written by {point.saved_ranks} "
                         f"anchor ranks) on {ranks} anchor ranks")
         run_config = sized(config, ranks)
@@ -126,6 +127,18 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None, i
             logger.note(f"worker failure {failures}/{config.ray.max_failures}: {_last_line(error)}; restarting from "
                         f"{latest or 'the start (no checkpoint yet)'}")
             time.sleep(1.0)
+
+
+def _place_or_give_up(config: Config, failures: int, store: CheckpointStore | None):
+    try:
+        return place(config, after_failure=failures > 0)
+    except ValueError as error:
+        if not failures:
+            raise  # the first start: the plan as configured must fit
+        latest = store.latest() if store is not None else None
+        raise RuntimeError(f"cannot continue after {failures} failure(s): {error}. Latest complete checkpoint: "
+                           f"{latest or 'none'}; rerun the same command to resume from it once the cluster "
+                           "can hold parallel.min_anchor_ranks") from error
 
 
 def _grow_back_watch(config: Config, ranks: int, logger):

@@ -173,3 +173,16 @@ def test_rerunning_a_finished_run_only_evaluates_its_last_checkpoint(base_config
     assert f"{checkpoint_name(STEPS)} is at train.max_steps={STEPS}: evaluating it" in capsys.readouterr().out
     assert (reference / "metrics.jsonl").read_text() == before
     assert (reference / "results.json").read_text() == results  # the same bridges, evaluated again
+
+
+def test_past_max_failures_the_job_stops_naming_its_intact_latest_checkpoint(base_config, cluster):
+    from calm_dist.checkpoint import consolidated_composition
+
+    config = configured(base_config, run__name="gives_up", ray__max_failures=0)
+    run_dir = Path(config.run.output_dir) / "gives_up"
+    when_steps_logged(run_dir, 10, lambda: sigkill_process_titled("AnchorRank0"))
+    with pytest.raises(RuntimeError, match=r"ray.max_failures=0.*anchor-rank-0 died.*Latest complete checkpoint: step_"):
+        run_driver(config)
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    weights = consolidated_composition(store, store.latest())
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
