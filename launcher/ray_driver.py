@@ -134,7 +134,7 @@ def run_ray_job(config: Config) -> Path:
     from calm_dist.distributed.worker import RunInputs
     from calm_dist.train.distributed_job import StepLogger, evaluate_on_rank_zero
     from calm_dist.train.job import Timer, prepare_run
-    from calm_dist.train.report import read_jsonl
+    from calm_dist.train.report import loss_curve
     from launcher.elastic import run_elastic
 
     embedded = connect(config)
@@ -159,5 +159,4 @@ def run_ray_job(config: Config) -> Path:
         extra["placement"]["nodes_by_rank"] = nodes
         extra["restarts"] = outcome["restarts"]
     timer.mark("composition")
-    curve = [(record["step"], record["loss"]) for record in read_jsonl(run_dir / "metrics.jsonl")]
-    return evaluate_on_rank_zero(inputs, bridges, curve, timer, extra)
+    return evaluate_on_rank_zero(inputs, bridges, loss_curve(run_dir), timer, extra)

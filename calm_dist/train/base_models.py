@@ -1,6 +1,7 @@
 """Building, training and caching the two frozen base models (m_A and m_B)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -61,10 +62,18 @@ def cache_key(base: BaseModelConfig, task_fingerprint: str, seed: int) -> str:
 
 
 def weights_checksum(path: str | os.PathLike) -> str:
-    """sha256 over the saved weight files of a model directory (the identity checkpoints refer to)."""
-    digest = hashlib.sha256()
+    """sha256 over the saved weight files of a model directory (the identity checkpoints refer to).
+    Computed once per process for files of unchanged size and modification time."""
     files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
-    for file in files:
+    signature = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _checksum_of(signature)
+
+
+@functools.lru_cache(maxsize=64)
+def _checksum_of(signature: tuple) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in signature:
+        file = Path(name)
         digest.update(file.name.encode())
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

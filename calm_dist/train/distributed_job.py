@@ -20,7 +20,7 @@ from calm_dist.config import Config
 from calm_dist.distributed.anchor_worker import CheckpointReport, StepReport
 from calm_dist.distributed.groups import env_store
 from calm_dist.distributed.worker import RunInputs, run_worker
-from calm_dist.train.report import EventLog, MetricsLogger, read_jsonl
+from calm_dist.train.report import EventLog, MetricsLogger, loss_curve
 from calm_dist.train.task_data import TaskData
 
 _INPUTS_KEY = "calm/run_inputs"
@@ -53,7 +53,6 @@ class StepLogger:
         self.metrics = MetricsLogger(run_dir)
         self.events = EventLog(run_dir / "events.jsonl")
         self.bar = tqdm(total=total_steps, desc="composition (distributed)", dynamic_ncols=True)
-        self.curve: list[tuple[int, float]] = []
 
     def __call__(self, report: StepReport | CheckpointReport) -> None:
         if isinstance(report, CheckpointReport):
@@ -63,10 +62,9 @@ class StepLogger:
         record = {"step": report.step, "loss": report.loss, "lr": report.lr, "tokens": report.tokens,
                   "step_s": round(report.step_s, 4), "tokens_per_s": round(report.tokens / report.step_s, 1),
                   "anchor_wait_fraction": round(report.wait_s / report.step_s, 4),
-                  "bytes_received": report.bytes_received, "time": round(report.finished_at or time.time(), 3),
+                  "bytes_received": report.bytes_received, "time": round(report.finished_at, 3),
                   "anchor_ranks": report.anchor_ranks}
         self.metrics.log(record)
-        self.curve.append((report.step, report.loss))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{report.loss:.4f}", wait=f"{record['anchor_wait_fraction']:.0%}")
 
@@ -78,7 +76,6 @@ class StepLogger:
     def rewind(self, step: int) -> None:
         """Training restarts after ``step``: later records are dropped, the bar goes back."""
         self.metrics.rewind(step)
-        self.curve = [(s, loss) for s, loss in self.curve if s <= step]
         self.bar.n = step
         self.bar.refresh()
 
@@ -134,5 +131,4 @@ def run_torchrun_job(config: Config) -> Path | None:
     if rank != 0:
         return None
     timer.mark("composition")
-    curve = [(record["step"], record["loss"]) for record in read_jsonl(inputs.run_dir / "metrics.jsonl")]
-    return evaluate_on_rank_zero(inputs, bridges, curve, timer)
+    return evaluate_on_rank_zero(inputs, bridges, loss_curve(inputs.run_dir), timer)

@@ -63,6 +63,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every step in a run's metrics.jsonl."""
+    return [(record["step"], record["loss"]) for record in read_jsonl(run_dir / "metrics.jsonl")]
+
+
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     import matplotlib
 
