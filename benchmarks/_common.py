@@ -104,7 +104,7 @@ def anchor_step_fn(engine, groups, augment_hidden: int) -> Callable[[dict, list]
     """The anchor rank's real training step (``AnchorWorker._step``) on a given batch and augment states."""
     from calm_dist.distributed.anchor_worker import AnchorWorker
 
-    worker = AnchorWorker(engine, groups, reader=None, receiver=None, augment_hidden=augment_hidden)
+    worker = AnchorWorker(engine, groups, reader=None, receiver=None, augment_hiddens=[augment_hidden])
     return worker._step
 
 

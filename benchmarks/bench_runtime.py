@@ -161,7 +161,8 @@ def zero3_timing_rank(rank: int, world_size: int, inputs, mode: Mode) -> dict:
 
     torch_linear = torch.nn.functional.linear  # before any zero.Init replaces it
     init_anchor_world()
-    topology, connections, augment_shape = plan(inputs, inputs.config.parallel.anchor_ranks + 1)
+    topology, connections, augment_shapes = plan(inputs, inputs.config.parallel.anchor_ranks + 1)
+    connections, augment_shape = connections[0], augment_shapes[0]
     batch, states = fixed_batch(inputs, mode, len(connections), augment_shape.hidden_size)
     groups = anchor_only_groups(1, 0, topology.tapped_layers, augment_shape.num_layers)
     steps = {"plain": with_linear(plain_step(inputs, connections, augment_shape, batch, states), torch_linear)}
@@ -250,7 +251,7 @@ def batch_shapes(inputs, steps: int) -> list[tuple[int, int]]:
 def wire_figure(inputs, reports: list[dict], augment_hidden: int) -> str:
     from calm_dist.distributed.worker import plan
 
-    _, connections, _ = plan(inputs, 2)
+    _, (connections,), _ = plan(inputs, 2)
     distinct = len({augment for augment, _ in connections})
     shapes = batch_shapes(inputs, len(reports))
     received = sum(r["bytes_received"] for r in reports)

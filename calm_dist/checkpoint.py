@@ -276,6 +276,11 @@ def run_identity(config, model_dirs: dict) -> dict:
 def check_resumable(meta: dict, identity: dict) -> None:
     """ValueError (before any worker starts) when the checkpoint was trained against something else."""
     where = f"checkpoint {checkpoint_name(meta['step'])}"
+    then_sides, now_sides = sorted(meta["base_models"]), sorted(identity["base_models"])
+    if then_sides != now_sides:
+        raise ValueError(f"{where} was trained with the base models {then_sides}, this run has {now_sides} "
+                         "(extra_augments changed): resume with the same models, or start a new run (another "
+                         "run.name or checkpoint.dir)")
     for side, now in identity["base_models"].items():
         then = meta["base_models"][side]
         if then["sha256"] != now["sha256"]:
@@ -286,10 +291,16 @@ def check_resumable(meta: dict, identity: dict) -> None:
                 "or checkpoint.dir).")
     for section, key in (("train", "batch_size"), ("composition", "connections"), ("composition", "every_n"),
                          ("run", "seed")):
-        then, now = meta["config"][section][key], identity["config"][section][key]
-        if then != now:
-            raise ValueError(f"{where} was trained with {section}.{key}={then!r}, this run has {now!r}: resume with "
-                             f"the same value, or start a new run (another run.name or checkpoint.dir)")
+        _require_same(where, f"{section}.{key}", meta["config"][section][key], identity["config"][section][key])
+    then_extras, now_extras = meta["config"].get("extra_augments", []), identity["config"]["extra_augments"]
+    for index, (then, now) in enumerate(zip(then_extras, now_extras)):
+        _require_same(where, f"extra_augments[{index}].connections", then["connections"], now["connections"])
+
+
+def _require_same(where: str, key: str, then, now) -> None:
+    if then != now:
+        raise ValueError(f"{where} was trained with {key}={then!r}, this run has {now!r}: resume with "
+                         f"the same value, or start a new run (another run.name or checkpoint.dir)")
 
 
 def find_resume_point(store: CheckpointStore, identity: dict, anchor_ranks: int) -> ResumePoint | None:

@@ -69,6 +69,10 @@ class OptimConfig:
 class BaseModelConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: OptimConfig = field(default_factory=OptimConfig)
+    # After pretraining, set the input embedding of every token absent from the model's training data
+    # to zero: tokens the model never read are indistinguishable to it (random untrained embeddings
+    # are not, and a composition can memorise them). See docs/investigation.md, rows 13-16.
+    zero_unseen_embeddings: bool = False
 
 
 @dataclass
@@ -143,6 +147,28 @@ class RayConfig:
 
 
 @dataclass
+class ExtraAugmentConfig:
+    """A further augmenting model for the distributed runtime, beside the ``augment`` section's."""
+
+    path: str = ""  # a saved HF model (save_pretrained) that uses the task's tokenizer
+    connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]; null = every 4th layer
+    stages: int = 1  # its augment pipeline stages (ranks)
+
+
+@dataclass
+class BaselinesConfig:
+    # The paper's baselines, each an extra row of the results, trained on D_C with the composition's
+    # budget (train.*) in the driver process after the composition.
+    lora: bool = False  # LoRA on the anchor with as many trainable parameters as the composition
+    random_augment: bool = False  # CALM whose m_A is untrained (m_A's architecture and initial weights)
+    vanilla_augment: bool = False  # CALM whose m_A is trained on Numeric-Arithmetic instead of the keys
+    two_augments: bool = False  # CALM over two m_As (m_A's architecture), each knowing half of the keys
+    different_tokenizer: bool = False  # CALM whose m_A reads characters while the anchor reads words
+    lora_target_modules: list[str] | None = None  # None = every linear layer of the anchor but the LM head
+    lora_alpha_per_rank: float = 2.0  # lora_alpha = this x the rank that matches the parameter count
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,6 +181,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    extra_augments: list[ExtraAugmentConfig] = field(default_factory=list)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -181,6 +209,8 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"config key '{key}': expected a list, got {value!r}")
         (item_type,) = typing.get_args(annotation)
         return [_check_value(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, f"{key}.")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -199,7 +229,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ValueError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+        raise ValueError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -295,6 +325,16 @@ def _validate_base(config: BaseModelConfig, side: str) -> None:
     _require(optim.lr > 0, f"{side}.pretrain.lr", "must be > 0")
 
 
+def _validate_baselines(config: Config) -> None:
+    baselines = config.baselines
+    _require(baselines.lora_alpha_per_rank > 0, "baselines.lora_alpha_per_rank", "must be > 0")
+    _require(baselines.lora_target_modules is None or len(baselines.lora_target_modules) > 0,
+             "baselines.lora_target_modules", "must name at least one module, or be null (every linear layer)")
+    for flag in ("random_augment", "vanilla_augment", "two_augments", "different_tokenizer"):
+        _require(not (getattr(baselines, flag) and config.augment.model.path), f"baselines.{flag}",
+                 "needs an m_A the job builds from augment.model (unset augment.model.path)")
+
+
 def validate(config: Config) -> None:
     """Value checks that types alone cannot express; raises ValueError naming the key."""
     for key in _POSITIVE:
@@ -328,3 +368,13 @@ def validate(config: Config) -> None:
             _require(len(pair) == 2, f"composition.connections[{index}]", "expected [augment_layer, anchor_layer]")
     for side in ("augment", "anchor"):
         _validate_base(getattr(config, side), side)
+    _validate_baselines(config)
+    for index, extra in enumerate(config.extra_augments):
+        _validate_extra_augment(extra, f"extra_augments[{index}]")
+
+
+def _validate_extra_augment(extra: ExtraAugmentConfig, key: str) -> None:
+    _require(bool(extra.path), f"{key}.path", "must name a saved Hugging Face model directory")
+    _require(extra.stages >= 1, f"{key}.stages", f"must be >= 1, got {extra.stages}")
+    for index, pair in enumerate(extra.connections or []):
+        _require(len(pair) == 2, f"{key}.connections[{index}]", "expected [augment_layer, anchor_layer]")

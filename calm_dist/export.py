@@ -1,7 +1,8 @@
 """Exported compositions: consolidated composition weights + the base models they belong to.
 
 An export directory holds ``composition.safetensors`` (fp32 bridge weights), ``calm_export.json``
-(connections, relative_scale, the step, each base model's path and sha256) and ``config.yaml``.
+(connections, the augmenting model of each bridge, relative_scale, the step, each base model's path
+and sha256) and ``config.yaml``.
 ``load_exported`` rebuilds the composed model in one process for evaluation and generation.
 """
 from __future__ import annotations
@@ -48,14 +49,28 @@ def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augme
     chosen = {"anchor": anchor_path, "augment": augment_path}
     models = {}
     for side, recorded in info["base_models"].items():
-        model_dir = Path(chosen[side] or recorded["path"])
+        model_dir = Path(chosen.get(side) or recorded["path"])
         if verify and weights_checksum(model_dir) != recorded["sha256"]:
             raise ValueError(f"the {side} model at {model_dir} is not the one this composition was trained with "
                              f"(sha256 {recorded['sha256'][:12]}…); pass the original weights")
         models[side] = load_pretrained(model_dir, side)
-    model = compose(models["anchor"], models["augment"], connections=[tuple(p) for p in info["connections"]],
-                    relative_scale=info["relative_scale"])
+    model = _composed(models, info)
     from safetensors.torch import load_file
 
     model.load_composition_state_dict(load_file(str(path / WEIGHTS)))
     return model.eval()
+
+
+def _composed(models: dict, info: dict) -> CALMModel:
+    """The export's composition over its base models: one augmenting model, or several (``bridge_sources``
+    names each bridge's model, model ``m`` being ``models[dir_key(m)]``)."""
+    from calm_dist.train.augmenting_models import dir_key
+
+    pairs = [tuple(pair) for pair in info["connections"]]
+    sources = info.get("bridge_sources") or [0] * len(pairs)
+    if max(sources) == 0:
+        return compose(models["anchor"], models["augment"], connections=pairs, relative_scale=info["relative_scale"])
+    count = max(sources) + 1
+    per_model = [[pair for pair, source in zip(pairs, sources) if source == model] for model in range(count)]
+    return compose(models["anchor"], [models[dir_key(model)] for model in range(count)], connections=per_model,
+                   relative_scale=info["relative_scale"])

@@ -50,7 +50,8 @@ def export(args) -> Path:
     meta = store.meta(name)
     weights = consolidated_composition(store, name)
     info = {"step": meta["step"], "checkpoint": name, "base_models": meta["base_models"],
-            "connections": meta["connections"], "relative_scale": meta["config"]["composition"]["relative_scale"]}
+            "connections": meta["connections"], "bridge_sources": meta.get("bridge_sources"),
+            "relative_scale": meta["config"]["composition"]["relative_scale"]}
     return write_export(Path(args.out), weights, info, yaml.safe_dump(meta["config"], sort_keys=False))
 
 

@@ -16,17 +16,24 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from calm_dist.config import Config
+from calm_dist.train.augmenting_models import planned_world_size
 
 
 def role_bundles(config: Config) -> list[dict[str, float]]:
-    """Bundles in rank order: anchor ranks first, then augment stages (the topology's layout)."""
+    """Bundles in rank order: anchor ranks first, then every augmenting model's stages (the topology's layout)."""
     base = {"CPU": config.ray.cpus_per_worker}
     if config.ray.gpus_per_worker:
         base["GPU"] = config.ray.gpus_per_worker
     anchor = {**base, **config.ray.anchor_resources}
     augment = {**base, **config.ray.augment_resources}
-    return [dict(anchor) for _ in range(config.parallel.anchor_ranks)] + \
-        [dict(augment) for _ in range(config.parallel.augment_stages)]
+    augment_stages = planned_world_size(config) - config.parallel.anchor_ranks
+    return [dict(anchor) for _ in range(config.parallel.anchor_ranks)] + [dict(augment) for _ in range(augment_stages)]
+
+
+def _plan_in_words(config: Config) -> str:
+    extra = "".join(f" + extra_augments[{i}].stages={e.stages}" for i, e in enumerate(config.extra_augments))
+    return (f"parallel.anchor_ranks={config.parallel.anchor_ranks} + "
+            f"parallel.augment_stages={config.parallel.augment_stages}{extra}")
 
 
 def missing_resources(bundles: list[dict[str, float]], nodes: list[dict[str, float]], strategy: str) -> list[str]:
@@ -65,8 +72,7 @@ def check_feasible(config: Config) -> list[dict[str, float]]:
     if short or unplaceable:
         detail = f"missing in total: {short}" if short else f"no node can hold: {', '.join(unplaceable[:4])}"
         raise ValueError(
-            f"the cluster cannot hold parallel.anchor_ranks={config.parallel.anchor_ranks} + "
-            f"parallel.augment_stages={config.parallel.augment_stages} workers with bundles {bundles[0]} "
+            f"the cluster cannot hold {_plan_in_words(config)} workers with bundles {bundles[0]} "
             f"(anchor) / {bundles[-1]} (augment): {detail}; cluster has {dict(totals)}. "
             "Add nodes, or lower the plan or ray.cpus_per_worker / ray.*_resources."
         )
@@ -116,9 +122,8 @@ class RankWorker:
 
 
 def worker_class(role_name: str):
-    """A Ray actor class named after the role, e.g. ``AnchorRank1`` or ``AugmentStage0``."""
-    kind, index = role_name.rsplit("-", 1)
-    name = ("AnchorRank" if kind.startswith("anchor") else "AugmentStage") + index
+    """A Ray actor class named after the role, e.g. ``AnchorRank1``, ``AugmentStage0`` or ``Augment1Stage0``."""
+    name = "".join(part.capitalize() for part in role_name.split("-"))
     return ray.remote(type(name, (RankWorker,), {}))
 
 

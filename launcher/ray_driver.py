@@ -106,11 +106,12 @@ def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
     from ray.util.queue import Queue
 
     from calm_dist.distributed.worker import plan
+    from calm_dist.train.augmenting_models import planned_world_size
     from launcher.ray_cluster import start_workers
 
     queue = None
     try:
-        topology, _, _ = plan(inputs, config.parallel.anchor_ranks + config.parallel.augment_stages)
+        topology, _, _ = plan(inputs, planned_world_size(config))
         names = [topology.role_of(rank).name for rank in range(topology.world_size)]
         actors = start_workers(config, group, names)
         _, master_ip, master_port = ray.get(actors[0].node_address.remote())
@@ -132,14 +133,14 @@ def run_ray_job(config: Config) -> Path:
     """The job through Ray: data and base models in the driver, composition on Ray workers."""
     from calm_dist.checkpoint import consolidated_composition, prepare_checkpointing
     from calm_dist.distributed.worker import RunInputs
-    from calm_dist.train.distributed_job import StepLogger, evaluate_on_rank_zero
-    from calm_dist.train.job import Timer, prepare_run
+    from calm_dist.train.distributed_job import StepLogger, evaluate_on_rank_zero, prepare_models_and_data
+    from calm_dist.train.job import Timer
     from calm_dist.train.report import loss_curve
     from launcher.elastic import run_elastic
 
     embedded = connect(config)
     timer = Timer()
-    run_dir, task_data, model_dirs = prepare_run(config, timer, resumable=config.checkpoint.every_steps > 0)
+    run_dir, task_data, model_dirs = prepare_models_and_data(config, timer)
     store, identity, point = prepare_checkpointing(config, run_dir, model_dirs)
     inputs = RunInputs(config, task_data, model_dirs, run_dir, store.uri if store else None, identity)
     extra = {"placement": {"embedded": embedded}}

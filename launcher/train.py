@@ -7,8 +7,8 @@ process. With checkpoint.every_steps > 0 the run directory is runs/<run.name>, s
 to its checkpoints/ (or checkpoint.dir), lost workers or nodes are survived, and running the same
 command again resumes from the latest checkpoint. Under torchrun
 (`torchrun --nproc_per_node K -m launcher.train ... --set parallel.anchor_ranks=N
-parallel.augment_stages=S`, K = N + S) the composition runs on the distributed runtime:
-ZeRO-3 anchor ranks plus forward-only augment pipeline stages.
+parallel.augment_stages=S`, K = N + S, plus each extra_augments entry's stages) the composition runs
+on the distributed runtime: ZeRO-3 anchor ranks plus forward-only augment pipeline stages.
 """
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def main(argv=None) -> int:
         from launcher.ray_driver import run_ray_job
 
         run_dir = run_ray_job(config)
+    elif config.extra_augments:
+        print("error: extra_augments run on the distributed runtime only: use run.launcher=ray or torchrun",
+              file=sys.stderr)
+        return 2
     else:
         from calm_dist.train.job import run_job
 

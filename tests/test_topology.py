@@ -3,7 +3,8 @@ import itertools
 
 import pytest
 
-from calm_dist.distributed.topology import ANCHOR, AUGMENT, balance_stages, plan_topology
+from calm_dist.distributed.topology import (ANCHOR, AUGMENT, AugmentSpec, balance_stages, plan_models_topology,
+                                           plan_topology)
 
 
 def test_roles_cover_the_world_once():
@@ -55,3 +56,42 @@ def test_balance_is_contiguous_complete_and_optimal(sizes, stages):
     assert len(ranges) == stages and all(len(r) > 0 for r in ranges)
     assert [i for r in ranges for i in r] == list(range(len(sizes)))
     assert max(sum(sizes[i] for i in r) for r in ranges) == _brute_force(sizes, stages)
+
+
+def _two_models(world_size=6):
+    return plan_models_topology(world_size, 2, [
+        AugmentSpec(2, (10,) * 4, (1, 3, 1), "parallel.augment_stages"),
+        AugmentSpec(2, (5,) * 3, (1, 0), "extra_augments[0].stages")])
+
+
+def test_each_augmenting_model_gets_its_own_stage_ranks_after_the_anchor_ranks():
+    topology = _two_models()
+    roles = [topology.role_of(rank) for rank in range(6)]
+    assert [(r.kind, r.model, r.index) for r in roles] == [
+        (ANCHOR, 0, 0), (ANCHOR, 0, 1), (AUGMENT, 0, 0), (AUGMENT, 0, 1), (AUGMENT, 1, 0), (AUGMENT, 1, 1)]
+    assert [r.name for r in roles[2:]] == ["augment-stage-0", "augment-stage-1", "augment1-stage-0", "augment1-stage-1"]
+    assert [topology.stage_rank(s, model=1) for s in range(2)] == [4, 5] and topology.stage_rank(1) == 3
+    assert topology.anchor_group_ranks == [0, 1] and topology.augment_stages == 2
+    assert topology.pipeline_of(roles[5]).stage_layers == (range(0, 1), range(1, 2))  # layers above the tap never run
+    with pytest.raises(ValueError, match="outside"):
+        topology.role_of(6)
+
+
+def test_tag_slots_are_distinct_across_models_and_each_bridge_reads_its_models_slot():
+    topology = _two_models()
+    first, second = topology.pipelines
+    assert first.wire_slots == [(0, 1), (1, 3)] and second.wire_slots == [(2, 0), (3, 1)]
+    assert topology.bridge_slots == [0, 1, 0, 3, 2]  # model 0's bridges (layers 1, 3, 1), then model 1's (1, 0)
+    assert second.taps_of_stage(0) == [(2, 0)] and second.taps_of_stage(1) == [(3, 1)]
+    assert topology.taps_of_stage(1) == [(1, 3)]  # the single-model view is model 0's
+
+
+def test_a_multi_model_plan_names_the_key_at_fault():
+    with pytest.raises(ValueError, match=r"extra_augments\[0\].stages \(2\); launch 6"):
+        _two_models(world_size=5)
+    with pytest.raises(ValueError, match=r"extra_augments\[0\].stages=3 must be between 1 and the 2"):
+        plan_models_topology(6, 1, [AugmentSpec(2, (1,) * 4, (3,), "parallel.augment_stages"),
+                                    AugmentSpec(3, (1,) * 4, (1,), "extra_augments[0].stages")])
+    too_many = [AugmentSpec(1, (1,) * 40, tuple(range(40)), key) for key in ("a", "b")]
+    with pytest.raises(ValueError, match="80 distinct tapped augment layers"):
+        plan_models_topology(3, 1, too_many)

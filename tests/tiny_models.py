@@ -9,28 +9,28 @@ PAD, BOS, EOS = 0, 1, 2
 SPECIAL = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 
 
-def _config(arch: str, hidden: int, layers: int, heads: int):
+def _config(arch: str, hidden: int, layers: int, heads: int, vocab: int = VOCAB):
     if arch == "llama":
-        return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        return transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                         num_hidden_layers=layers, num_attention_heads=heads,
                                         num_key_value_heads=heads, **SPECIAL)
     if arch == "qwen2":
-        return transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        return transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                         num_hidden_layers=layers, num_attention_heads=heads,
                                         num_key_value_heads=max(1, heads // 2), **SPECIAL)
     if arch == "gpt2":
-        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads,
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads,
                                        n_positions=64, **SPECIAL)
     if arch == "gpt_neox":
-        return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                           num_hidden_layers=layers, num_attention_heads=heads,
                                           max_position_embeddings=64, **SPECIAL)
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0):
+def tiny_model(arch: str, hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(_config(arch, hidden, layers, heads)).eval()
+    return transformers.AutoModelForCausalLM.from_config(_config(arch, hidden, layers, heads, vocab)).eval()
 
 
 # (anchor arch, augment arch): different hidden sizes, depths and head counts on the two sides.
@@ -64,3 +64,27 @@ def randomise_bridges(model, std: float = 0.3, seed: int = 3) -> None:
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+ALPHABET = "ab "
+
+
+def chunk_tokenizer(width: int, bos: bool):
+    """A fast tokenizer over texts of ``ALPHABET`` that cuts them, left to right, into chunks of
+    ``width`` characters (the last may be shorter), spaces included: chunks straddle word boundaries
+    and, between two widths, each other's boundaries. Ids: PAD, BOS, EOS, then every chunk."""
+    import itertools
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    for length in range(1, width + 1):
+        for chunk in itertools.product(ALPHABET, repeat=length):
+            vocab["".join(chunk)] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(f".{{1,{width}}}"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")

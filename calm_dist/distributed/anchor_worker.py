@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,25 +55,27 @@ class AnchorWorker:
     """``after_step(step, reader_position)`` runs on every anchor rank after each optimizer step (the
     checkpointer); ``reader_position`` is the reader state whose next batch is step ``step + 1``'s."""
 
-    def __init__(self, engine, groups: Groups, reader, receiver: ActivationReceiver, augment_hidden: int,
+    def __init__(self, engine, groups: Groups, reader, receiver: ActivationReceiver, augment_hiddens: Sequence[int],
                  after_step: Callable[[int, dict], str | None] | None = None):
+        """``augment_hiddens``: the hidden size of each augmenting model, in model order."""
         self.engine, self.groups, self.reader, self.receiver = engine, groups, reader, receiver
-        self.augment_hidden, self.after_step = augment_hidden, after_step
+        self.augment_hiddens, self.after_step = list(augment_hiddens), after_step
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     def _post(self, step: int, batch: dict) -> None:
         topology, index = self.groups.topology, self.groups.role.index
         sequence = step * topology.anchor_ranks + index
-        shape = (*batch["input_ids"].shape, self.augment_hidden)
-        for slot, layer in enumerate(topology.wire_layers):
-            source = topology.stage_rank(topology.stage_of_layer(layer))
-            self.receiver.post((step, layer), shape, source, tag_of(sequence, slot))
+        for pipeline, hidden in zip(topology.pipelines, self.augment_hiddens, strict=True):
+            shape = (*batch["input_ids"].shape, hidden)
+            for slot, layer in pipeline.wire_slots:
+                source = pipeline.stage_rank(pipeline.stage_of_layer(layer))
+                self.receiver.post((step, slot), shape, source, tag_of(sequence, slot))
 
     def _states(self, step: int) -> list[torch.Tensor]:
-        """One tensor per bridge, in bridge order (bridges reading the same layer share it)."""
-        topology = self.groups.topology
-        received = {layer: self.receiver.wait((step, layer), self.compute_dtype) for layer in topology.wire_layers}
-        return [received[layer] for layer in topology.tapped_layers]
+        """One tensor per bridge, in flat bridge order (bridges reading the same layer share it)."""
+        slots = self.groups.topology.bridge_slots
+        received = {slot: self.receiver.wait((step, slot), self.compute_dtype) for slot in sorted(set(slots))}
+        return [received[slot] for slot in slots]
 
     def _step(self, batch: dict, states: list[torch.Tensor]) -> tuple[float, int]:
         device = self.groups.device

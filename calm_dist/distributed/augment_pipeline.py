@@ -1,4 +1,7 @@
-"""Augment pipeline stages: forward only, no_grad, streaming tapped activations to the anchor ranks."""
+"""Augment pipeline stages: forward only, no_grad, streaming tapped activations to the anchor ranks.
+
+Each augmenting model has a pipeline of its own; a stage only talks to its neighbours in that pipeline
+and to the anchor ranks."""
 from __future__ import annotations
 
 import torch
@@ -43,10 +46,10 @@ class AugmentStage:
 
 
 def stage_records(groups: Groups) -> set[int]:
-    topology, stage = groups.topology, groups.role.index
-    record = {layer for _, layer in topology.taps_of_stage(stage)}
-    if stage < topology.augment_stages - 1:
-        record.add(topology.stage_layers[stage][-1])  # handed to the next stage
+    pipeline, stage = groups.topology.pipeline_of(groups.role), groups.role.index
+    record = {layer for _, layer in pipeline.taps_of_stage(stage)}
+    if stage < pipeline.stages - 1:
+        record.add(pipeline.stage_layers[stage][-1])  # handed to the next stage
     return record
 
 
@@ -54,9 +57,10 @@ def run_stage(stage: AugmentStage, groups: Groups, readers, steps: range, sender
               hidden_sender: ActivationSender, receiver: ActivationReceiver) -> None:
     """For every step and every anchor rank's micro-batch: receive, compute, send taps and hidden state."""
     topology, index = groups.topology, groups.role.index
-    taps = topology.taps_of_stage(index)
-    last_layer = topology.stage_layers[index][-1]
-    has_next = index < topology.augment_stages - 1
+    pipeline = topology.pipeline_of(groups.role)
+    taps = pipeline.taps_of_stage(index)
+    last_layer = pipeline.stage_layers[index][-1]
+    has_next = index < pipeline.stages - 1
     for step in steps:
         for anchor_index, reader in enumerate(readers):
             batch = next(reader)
@@ -66,12 +70,12 @@ def run_stage(stage: AugmentStage, groups: Groups, readers, steps: range, sender
             inject = None
             if index > 0:
                 shape = (*ids.shape, stage.hidden_size)
-                receiver.post(sequence, shape, topology.stage_rank(index - 1), tag_of(sequence, HIDDEN_SLOT))
+                receiver.post(sequence, shape, pipeline.stage_rank(index - 1), tag_of(sequence, HIDDEN_SLOT))
                 inject = receiver.wait(sequence, stage.dtype)
             outputs = stage.forward(ids, mask, inject)
             for slot, layer in taps:
                 sender.send(outputs[layer], topology.anchor_rank(anchor_index), tag_of(sequence, slot))
             if has_next:
-                hidden_sender.send(outputs[last_layer], topology.stage_rank(index + 1), tag_of(sequence, HIDDEN_SLOT))
+                hidden_sender.send(outputs[last_layer], pipeline.stage_rank(index + 1), tag_of(sequence, HIDDEN_SLOT))
     sender.flush()
     hidden_sender.flush()

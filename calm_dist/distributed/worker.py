@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from calm_dist.checkpoint import ResumePoint
 from calm_dist.config import Config
 from calm_dist.distributed.groups import Groups, init_groups
-from calm_dist.distributed.topology import ANCHOR, Topology, plan_topology
+from calm_dist.distributed.topology import ANCHOR, AugmentSpec, Topology, plan_models_topology
 from calm_dist.distributed.transport import ActivationReceiver, ActivationSender, wire_dtype
 from calm_dist.model.connections import resolve_connections
 from calm_dist.model.layers import ModelShape, find_decoder_layers
@@ -47,17 +47,20 @@ def _shape(path: Path) -> tuple[ModelShape, list[int]]:
     return shape, [sum(p.numel() for p in layer.parameters()) for layer in layers]
 
 
-def plan(inputs: RunInputs, world_size: int) -> tuple[Topology, list[tuple[int, int]], ModelShape]:
-    from calm_dist.train.composition import connection_kwargs
+def plan(inputs: RunInputs, world_size: int) -> tuple[Topology, list[list[tuple[int, int]]], list[ModelShape]]:
+    """(topology, each augmenting model's connections, each augmenting model's shape)."""
+    from calm_dist.train.augmenting_models import augmenting_models, dir_key
 
     anchor_shape, _ = _shape(inputs.model_dirs["anchor"])
-    augment_shape, layer_sizes = _shape(inputs.model_dirs["augment"])
-    connections = resolve_connections(augment_shape.num_layers, anchor_shape.num_layers,
-                                      **connection_kwargs(inputs.config))
-    parallel = inputs.config.parallel
-    topology = plan_topology(world_size, parallel.anchor_ranks, parallel.augment_stages, layer_sizes,
-                             [augment for augment, _ in connections])
-    return topology, connections, augment_shape
+    connections, shapes, specs = [], [], []
+    for model in augmenting_models(inputs.config):
+        shape, layer_sizes = _shape(inputs.model_dirs[dir_key(model.index)])
+        pairs = resolve_connections(shape.num_layers, anchor_shape.num_layers, **model.connection_kwargs)
+        connections.append(pairs)
+        shapes.append(shape)
+        specs.append(AugmentSpec(model.stages, tuple(layer_sizes), tuple(a for a, _ in pairs), model.stages_key))
+    topology = plan_models_topology(world_size, inputs.config.parallel.anchor_ranks, specs)
+    return topology, connections, shapes
 
 
 def micro_batch_size(config: Config) -> int:
@@ -79,7 +82,7 @@ def _reader(inputs: RunInputs, anchor_index: int):
     return reader
 
 
-def _checkpointer(inputs: RunInputs, engine, connections):
+def _checkpointer(inputs: RunInputs, engine, model):
     """after_step for the anchor ranks: a sharded checkpoint every checkpoint.every_steps and at the end."""
     from calm_dist.checkpoint import CheckpointStore, save_checkpoint
 
@@ -87,7 +90,8 @@ def _checkpointer(inputs: RunInputs, engine, connections):
     if not every or inputs.checkpoints is None:
         return None
     store = CheckpointStore(inputs.checkpoints)
-    meta = {**(inputs.checkpoint_meta or {}), "connections": [list(pair) for pair in connections]}
+    meta = {**(inputs.checkpoint_meta or {}), "connections": [list(pair) for pair in model.connections],
+            "bridge_sources": list(model.bridge_sources)}
 
     def after_step(step: int, reader_position: dict) -> str | None:
         if step % every and step != last:
@@ -99,10 +103,11 @@ def _checkpointer(inputs: RunInputs, engine, connections):
 
 def run_augment_role(inputs: RunInputs, groups: Groups, steps: range) -> dict:
     from calm_dist.distributed.augment_pipeline import AugmentStage, run_stage, stage_records
+    from calm_dist.train.augmenting_models import dir_key
 
-    parallel = inputs.config.parallel
-    augment = AutoModelForCausalLM.from_pretrained(inputs.model_dirs["augment"]).to(groups.device)
-    stage = AugmentStage(augment, groups.topology.stage_layers[groups.role.index], stage_records(groups))
+    parallel, role = inputs.config.parallel, groups.role
+    augment = AutoModelForCausalLM.from_pretrained(inputs.model_dirs[dir_key(role.model)]).to(groups.device)
+    stage = AugmentStage(augment, groups.topology.pipeline_of(role).stage_layers[role.index], stage_records(groups))
     readers = [_reader(inputs, index) for index in range(groups.topology.anchor_ranks)]
     sender = ActivationSender(groups.transport, wire_dtype(parallel.wire_dtype), parallel.pipeline_depth)
     hidden_sender = ActivationSender(groups.transport, stage.dtype, parallel.pipeline_depth)
@@ -111,8 +116,9 @@ def run_augment_role(inputs: RunInputs, groups: Groups, steps: range) -> dict:
     return {"role": groups.role.name, "bytes_sent": sender.counters.bytes_sent}
 
 
-def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shape: ModelShape, steps: range,
-                    on_step=None) -> dict:
+def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shapes: list[ModelShape],
+                    steps: range, on_step=None) -> dict:
+    """``connections`` and ``augment_shapes``: one entry per augmenting model."""
     from calm_dist.distributed.anchor_worker import AnchorWorker
     from calm_dist.distributed.zero_anchor import build_engine, configure_anchor, deepspeed_config, load_partitioned
     from calm_dist.model.composed import CALMModel
@@ -123,7 +129,7 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shap
                               config.deepspeed.return_freed_memory)
     anchor = configure_anchor(anchor, config)
     torch.manual_seed(config.run.seed + 4)  # the same bridge initialisation as the single-process model
-    model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale)
+    model = CALMModel(anchor, None, connections, augment_shapes, config.composition.relative_scale)
     resume = inputs.resume
     engine, optimizer, _ = build_engine(model, config, micro, load_universal=resume is not None and resume.universal)
     if resume is not None:
@@ -131,14 +137,14 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shap
 
         load_checkpoint(engine, resume, groups.role.index)
     receiver = ActivationReceiver(groups.transport, wire_dtype(config.parallel.wire_dtype), groups.device)
-    worker = AnchorWorker(engine, groups, _reader(inputs, groups.role.index), receiver, augment_shape.hidden_size,
-                          _checkpointer(inputs, engine, connections))
+    worker = AnchorWorker(engine, groups, _reader(inputs, groups.role.index), receiver,
+                          [shape.hidden_size for shape in augment_shapes], _checkpointer(inputs, engine, model))
     losses = worker.train(steps, on_step)
     return {"role": groups.role.name, "losses": losses, "engine": engine, "optimizer": optimizer, "model": model}
 
 
 def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_step=None) -> dict:
-    topology, connections, augment_shape = plan(inputs, world_size)
+    topology, connections, augment_shapes = plan(inputs, world_size)
     parallel = inputs.config.parallel
     groups = init_groups(topology, rank, store, parallel.backend, parallel.timeout_s)
     steps = range(inputs.first_step, inputs.config.train.max_steps)
@@ -146,5 +152,5 @@ def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_step=Non
         from calm_dist.distributed.zero_anchor import init_deepspeed
 
         init_deepspeed(groups.backend)
-        return run_anchor_role(inputs, groups, connections, augment_shape, steps, on_step)
+        return run_anchor_role(inputs, groups, connections, augment_shapes, steps, on_step)
     return run_augment_role(inputs, groups, steps)

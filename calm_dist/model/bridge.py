@@ -30,10 +30,28 @@ class ProjectedKV:
 
 
 @dataclass
+class CrossMask:
+    """Which positions of one augmenting model the anchor's queries may read in one forward.
+
+    Shared by every bridge fed by that model; models with their own tokenizer have their own
+    sequence length, hence their own mask.
+    """
+
+    allowed: torch.Tensor  # [B, 1, Q, S] bool: anchor query q may read augment position s
+    query_has_key: torch.Tensor  # [B, 1, Q, 1] bool: rows with at least one allowed key
+
+    @classmethod
+    def from_allowed(cls, allowed: torch.Tensor) -> "CrossMask":
+        return cls(allowed, allowed.any(dim=-1, keepdim=True))
+
+
+@dataclass
 class BridgeInput:
-    """What a bridge reads in one forward: the new augment positions and, when generating, its cache."""
+    """What a bridge reads in one forward: the new augment positions, the mask of their model and,
+    when generating, its cache."""
 
     augment_hidden: torch.Tensor
+    mask: CrossMask
     cache: ProjectedKV | None = None
 
 
@@ -42,8 +60,6 @@ class CompositionContext:
     """Per-forward inputs of every bridge, handed to the anchor's wrapped layers as a keyword."""
 
     inputs: list[BridgeInput]
-    allowed: torch.Tensor  # [B, 1, Q, S] bool: anchor query q may read augment position s
-    query_has_key: torch.Tensor  # [B, 1, Q, 1] bool: rows with at least one allowed key
     extras: dict = field(default_factory=dict)
 
 
@@ -72,16 +88,16 @@ class CrossAttentionBridge(nn.Module):
         memory = self.proj(augment_hidden.to(self.proj.weight.dtype))
         return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
 
-    def forward(self, hidden: torch.Tensor, bridge_input: BridgeInput, context: CompositionContext):
+    def forward(self, hidden: torch.Tensor, bridge_input: BridgeInput):
         keys, values = self.project_memory(bridge_input.augment_hidden)
         if bridge_input.cache is not None:
             keys, values = bridge_input.cache.extend(keys, values)
         queries = self._heads(self.q_proj(hidden.to(self.q_proj.weight.dtype)))
         zero = torch.zeros((), dtype=queries.dtype, device=queries.device)
         blocked = torch.full((), torch.finfo(queries.dtype).min, dtype=queries.dtype, device=queries.device)
-        mask = torch.where(context.allowed, zero, blocked)
+        mask = torch.where(bridge_input.mask.allowed, zero, blocked)
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        attended = attended * context.query_has_key.to(attended.dtype)
+        attended = attended * bridge_input.mask.query_has_key.to(attended.dtype)
         batch, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         output = self.o_proj(attended)

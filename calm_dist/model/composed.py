@@ -1,4 +1,4 @@
-"""The composed model: a frozen anchor, a frozen augmenting model and the trainable bridges."""
+"""The composed model: a frozen anchor, frozen augmenting model(s) and the trainable bridges."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from calm_dist.model.alignment import AugmentInput, aligned_allowed
 from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
-from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, ProjectedKV
-from calm_dist.model.connections import resolve_connections
+from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask, ProjectedKV
+from calm_dist.model.connections import resolve_connections, resolve_per_model_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
 from calm_dist.model.loss import causal_lm_loss
 from calm_dist.model.masks import cross_attention_allowed, position_ids_from_mask
@@ -23,39 +24,65 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class CALMModel(nn.Module):
-    """anchor (m_B) + augment (m_A) + one cross-attention bridge per connection.
+    """anchor (m_B) + augmenting model(s) (m_A) + one cross-attention bridge per connection.
 
-    ``augment`` may be None when its tapped hidden states are produced elsewhere (the augment
-    pipeline of the distributed runtime); they are then passed as ``augment_states``.
+    Single form: ``CALMModel(anchor, augment, [(augment_layer, anchor_layer), ...], augment_shape)``.
+    Several augmenting models: ``augment``, ``connections`` and ``augment_shape`` are lists with one
+    entry per model (the model, its list of pairs, its ``ModelShape``). Bridges are in *bridge order*:
+    model 0's connections, then model 1's, ...; ``connections`` is that flat list of pairs and
+    ``bridge_sources`` the augmenting model of each bridge.
+
+    Augmenting models may be None (all of them; ``augment=None`` in either form) when their tapped
+    hidden states are produced elsewhere (the augment pipeline of the distributed runtime); they are
+    then passed as ``augment_states``: one tensor per bridge, in bridge order.
     """
 
-    def __init__(self, anchor: nn.Module, augment: nn.Module | None, connections, augment_shape: ModelShape,
+    def __init__(self, anchor: nn.Module, augment, connections, augment_shape: ModelShape | Sequence[ModelShape],
                  relative_scale: bool = False):
         super().__init__()
+        augments, per_model_connections, shapes = _augment_specs(augment, connections, augment_shape)
         self.anchor = freeze(anchor)
-        self.augment = freeze(augment) if augment is not None else None
+        self.augments = nn.ModuleList(freeze(model) for model in augments) if augments[0] is not None else augments
         self.anchor_shape = model_shape(anchor)
-        self.augment_shape = augment_shape
-        self.connections = list(connections)
+        self.augment_shapes = shapes
+        self.augment_connections = per_model_connections
+        self.connections = [pair for pairs in per_model_connections for pair in pairs]
+        self.bridge_sources = [index for index, pairs in enumerate(per_model_connections) for _ in pairs]
         self.bridges = nn.ModuleList(
-            CrossAttentionBridge(augment_shape.hidden_size, self.anchor_shape.hidden_size, self.anchor_shape.num_heads,
-                                 relative_scale)
-            for _ in self.connections
+            CrossAttentionBridge(shapes[source].hidden_size, self.anchor_shape.hidden_size,
+                                 self.anchor_shape.num_heads, relative_scale)
+            for source in self.bridge_sources
         )
         self.bridges.to(next(anchor.parameters()).device)
         wrap_anchor_layers(find_decoder_layers(anchor), self.bridges, self.connections)
-        if augment is not None:
-            wrap_augment_layers(find_decoder_layers(augment))
+        for model in augments:
+            if model is not None:
+                wrap_augment_layers(find_decoder_layers(model))
+
+    @property
+    def augment(self) -> nn.Module | None:
+        """The first augmenting model (the only one in the single form)."""
+        return self.augments[0]
+
+    @property
+    def augment_shape(self) -> ModelShape:
+        return self.augment_shapes[0]
 
     @property
     def tapped_layers(self) -> list[int]:
-        """Augment layers whose outputs the bridges read, in bridge order."""
-        return [augment_layer for augment_layer, _ in self.connections]
+        """Augment layers whose outputs the bridges read, in bridge order (one augmenting model only)."""
+        if len(self.augment_shapes) != 1:
+            raise ValueError(f"{len(self.augment_shapes)} augmenting models: use tapped_layers_of(model_index)")
+        return self.tapped_layers_of(0)
+
+    def tapped_layers_of(self, model_index: int) -> list[int]:
+        """The layers of augmenting model ``model_index`` that its bridges read, in bridge order."""
+        return [augment_layer for augment_layer, _ in self.augment_connections[model_index]]
 
     def train(self, mode: bool = True):
         self.training = mode
         self.bridges.train(mode)
-        return self  # both base models stay in eval mode: no dropout, frozen statistics
+        return self  # the base models stay in eval mode: no dropout, frozen statistics
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.bridges.parameters())
@@ -71,38 +98,99 @@ class CALMModel(nn.Module):
         self.bridges.load_state_dict({key[len(prefix):]: value for key, value in state.items()})
 
     @torch.no_grad()
-    def augment_hidden_states(self, input_ids, attention_mask, position_ids, cache=None) -> list[torch.Tensor]:
-        """The tapped augment layers' outputs (see ``augment.py``); layers above the deepest tap do not run."""
-        if self.augment is None:
-            raise ValueError("this composed model has no augmenting model: pass augment_states")
-        tapped = self.tapped_layers
-        plan = TapPlan(0, max(tapped) + 1, frozenset(tapped), self.augment_shape.num_layers - 1)
-        run_augment(backbone(self.augment), plan, input_ids=input_ids, attention_mask=attention_mask,
+    def augment_hidden_states(self, input_ids, attention_mask, position_ids, caches=None,
+                              augment_inputs: Sequence[AugmentInput | None] | None = None) -> list[torch.Tensor]:
+        """The tapped layers' outputs of every augmenting model (see ``augment.py``): one tensor per
+        bridge, in bridge order. Layers above a model's deepest tap do not run.
+
+        A model reads the anchor's ``input_ids`` unless ``augment_inputs`` gives its own tokenisation;
+        ``caches`` (generation) holds one HF cache per augmenting model.
+        """
+        if self.augments[0] is None:
+            raise ValueError("this composed model has no augmenting models: pass augment_states")
+        count = len(self.augments)
+        caches = caches if caches is not None else [None] * count
+        augment_inputs = augment_inputs if augment_inputs is not None else [None] * count
+        states = []
+        for index, (own, cache) in enumerate(zip(augment_inputs, caches)):
+            if own is None:
+                states += self._tapped_states(index, input_ids, attention_mask, position_ids, cache)
+            else:
+                own_positions = position_ids_from_mask(own.attention_mask)
+                states += self._tapped_states(index, own.input_ids, own.attention_mask, own_positions, cache)
+        return states
+
+    def _tapped_states(self, index, input_ids, attention_mask, position_ids, cache) -> list[torch.Tensor]:
+        tapped = self.tapped_layers_of(index)
+        plan = TapPlan(0, max(tapped) + 1, frozenset(tapped), self.augment_shapes[index].num_layers - 1)
+        run_augment(backbone(self.augments[index]), plan, input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids, cache=cache)
         return [plan.outputs[layer] for layer in tapped]
 
-    def _context(self, augment_states, attention_mask, past_len, query_len, caches):
-        allowed = cross_attention_allowed(attention_mask, past_len, query_len)
-        caches = caches if caches is not None else [None] * len(self.bridges)
-        inputs = [BridgeInput(state, cache) for state, cache in zip(augment_states, caches)]
-        return CompositionContext(inputs, allowed, allowed.any(dim=-1, keepdim=True))
+    def _checked_augment_inputs(self, augment_inputs, anchor_end_offsets, attention_mask, caches):
+        """One entry per augmenting model, on the anchor's device; ValueError for unusable inputs."""
+        count = len(self.augment_shapes)
+        if augment_inputs is None:
+            return [None] * count
+        if len(augment_inputs) != count:
+            raise ValueError(f"augment_inputs: expected {count} entries (one per augmenting model, None = "
+                             f"reads the anchor's ids), got {len(augment_inputs)}")
+        if all(own is None for own in augment_inputs):
+            return list(augment_inputs)
+        if caches is not None:
+            raise ValueError("augment_inputs need a full forward without caches: re-tokenising a longer text "
+                             "can change earlier augment tokens")
+        if anchor_end_offsets is None or tuple(anchor_end_offsets.shape) != tuple(attention_mask.shape):
+            raise ValueError("augment_inputs need anchor_end_offsets, shaped like the anchor's attention_mask "
+                             f"{tuple(attention_mask.shape)}")
+        batch = attention_mask.shape[0]
+        for index, own in enumerate(augment_inputs):
+            if own is not None and own.input_ids.shape[0] != batch:
+                raise ValueError(f"augment_inputs[{index}] has batch size {own.input_ids.shape[0]}, "
+                                 f"the anchor's is {batch}")
+        return [None if own is None else own.to(attention_mask.device) for own in augment_inputs]
 
-    def step(self, input_ids, attention_mask, *, caches=None, augment_states=None, logits_to_keep=0):
+    def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets):
+        """One mask per augmenting model; models reading the anchor's ids share the index-based one."""
+        index_mask = None
+        masks = []
+        for own in augment_inputs:
+            if own is None:
+                if index_mask is None:
+                    index_mask = CrossMask.from_allowed(cross_attention_allowed(attention_mask, past_len, query_len))
+                masks.append(index_mask)
+            else:
+                anchor_end = anchor_end_offsets.to(attention_mask.device).masked_fill(attention_mask == 0, 0)
+                allowed = aligned_allowed(anchor_end, own.end_offsets, own.attention_mask, past_len, query_len)
+                masks.append(CrossMask.from_allowed(allowed))
+        return masks
+
+    def step(self, input_ids, attention_mask, *, caches=None, augment_states=None, logits_to_keep=0,
+             augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None):
         """One forward over new tokens ``input_ids`` given the full ``attention_mask`` so far.
 
-        ``caches`` (generation) is a dict with the anchor's and augment's HF caches and one
-        ProjectedKV per bridge; without it this is a plain full-sequence forward.
+        ``caches`` (generation) is a dict with the anchor's HF cache, one HF cache per augmenting
+        model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
+        ``augment_inputs`` (one per augmenting model, None = reads the anchor's ids) gives models
+        with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
+        ``anchor_end_offsets`` ``[B, T]`` (see ``alignment.py``), and the forward must be a full one.
         """
         past_len = attention_mask.shape[-1] - input_ids.shape[-1]
         position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
+        augment_inputs = self._checked_augment_inputs(augment_inputs, anchor_end_offsets, attention_mask, caches)
         caches = caches or {}
         if augment_states is None:
             augment_states = self.augment_hidden_states(
-                input_ids, attention_mask, position_ids, caches.get("augment")
+                input_ids, attention_mask, position_ids, caches.get("augments"), augment_inputs
             )
         if len(augment_states) != len(self.bridges):
-            raise ValueError(f"expected {len(self.bridges)} augment states, got {len(augment_states)}")
-        context = self._context(augment_states, attention_mask, past_len, input_ids.shape[-1], caches.get("bridges"))
+            raise ValueError(f"expected {len(self.bridges)} augment states (one per bridge), got {len(augment_states)}")
+        masks = self._cross_masks(attention_mask, past_len, input_ids.shape[-1], augment_inputs, anchor_end_offsets)
+        bridge_caches = caches.get("bridges") or [None] * len(self.bridges)
+        context = CompositionContext([
+            BridgeInput(state, masks[source], cache)
+            for state, source, cache in zip(augment_states, self.bridge_sources, bridge_caches)
+        ])
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         return self.anchor(
             input_ids=input_ids,
@@ -114,10 +202,13 @@ class CALMModel(nn.Module):
             **extra,
         )
 
-    def forward(self, input_ids, attention_mask=None, labels=None, augment_states=None) -> CausalLMOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None, augment_states=None, *,
+                augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None
+                ) -> CausalLMOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        logits = self.step(input_ids, attention_mask, augment_states=augment_states).logits
+        logits = self.step(input_ids, attention_mask, augment_states=augment_states, augment_inputs=augment_inputs,
+                           anchor_end_offsets=anchor_end_offsets).logits
         loss = causal_lm_loss(logits, labels, attention_mask) if labels is not None else None
         return CausalLMOutput(loss=loss, logits=logits)
 
@@ -125,8 +216,8 @@ class CALMModel(nn.Module):
         from transformers import DynamicCache
 
         caches = {"anchor": DynamicCache(config=self.anchor.config), "bridges": [ProjectedKV() for _ in self.bridges]}
-        if self.augment is not None:
-            caches["augment"] = DynamicCache(config=self.augment.config)
+        if self.augments[0] is not None:
+            caches["augments"] = [DynamicCache(config=model.config) for model in self.augments]
         return caches
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 8, **kwargs):
@@ -135,30 +226,75 @@ class CALMModel(nn.Module):
         return greedy_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
 
 
+def _augment_specs(augment, connections, augment_shape) -> tuple[list, list[list], list[ModelShape]]:
+    """CALMModel's arguments in the multi form: (models or Nones, per-model pairs, shapes)."""
+    if isinstance(augment_shape, ModelShape):
+        if isinstance(augment, (list, tuple)):
+            raise ValueError("augment is a list but augment_shape is one ModelShape: give one shape per model")
+        return [augment], [[tuple(pair) for pair in connections]], [augment_shape]
+    shapes = list(augment_shape)
+    augments = [None] * len(shapes) if augment is None else list(augment)
+    per_model = [[tuple(pair) for pair in pairs] for pairs in connections]
+    if not shapes or not len(augments) == len(per_model) == len(shapes):
+        raise ValueError(f"several augmenting models need one model (or None), one list of connections and "
+                         f"one ModelShape each: got {len(augments)} models, {len(per_model)} connection lists, "
+                         f"{len(shapes)} shapes")
+    if len({model is None for model in augments}) != 1:
+        raise ValueError("augment: give every augmenting model or none (None: their states come as augment_states)")
+    empty = [index for index, pairs in enumerate(per_model) if not pairs]
+    if empty:
+        raise ValueError(f"augmenting models {empty} have no connections")
+    return augments, per_model, shapes
+
+
 def compose(
     anchor: nn.Module,
-    augment: nn.Module,
+    augment: nn.Module | Sequence[nn.Module],
     every_n: int | None = None,
-    connections: Sequence[Sequence[int]] | None = None,
+    connections: Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]] | None = None,
     relative_scale: bool = False,
+    shared_tokenizer: bool | Sequence[bool] = True,
 ) -> CALMModel:
-    """Compose a frozen anchor (m_B) with a frozen augmenting model (m_A).
+    """Compose a frozen anchor (m_B) with one or several frozen augmenting models (m_A).
 
     ``every_n`` taps every n-th augment layer (default 4) and feeds n-evenly spaced anchor layers;
     ``connections`` gives explicit ``(augment_layer, anchor_layer)`` pairs (0-based; anchor -1 =
-    after the embeddings). The anchor's layers are wrapped in place. ``relative_scale`` multiplies each
-    bridge's output by the anchor's per-token hidden-state RMS there (detached), so one optimizer step
-    perturbs every layer by a similar fraction; the default is the paper's plain residual.
+    after the embeddings). With a list of augmenting models, ``every_n`` applies to each model and
+    ``connections`` is one list of pairs per model; bridges are ordered model by model.
+    The anchor's layers are wrapped in place. ``relative_scale`` multiplies each bridge's output by
+    the anchor's per-token hidden-state RMS there (detached), so one optimizer step perturbs every
+    layer by a similar fraction; the default is the paper's plain residual.
+
+    ``shared_tokenizer`` (one flag, or one per augmenting model): True requires the model to read
+    the anchor's token ids (equal vocabulary sizes). False lets it have its own tokenizer; pass its
+    tokenisation of the same texts to forward/step as ``augment_inputs`` (see ``alignment.py``).
     """
-    anchor_shape, augment_shape = model_shape(anchor), model_shape(augment)
-    check_vocabularies(anchor_shape, augment_shape)
-    pairs = resolve_connections(augment_shape.num_layers, anchor_shape.num_layers, every_n, connections)
-    return CALMModel(anchor, augment, pairs, augment_shape, relative_scale)
+    several = isinstance(augment, (list, tuple))
+    augments = list(augment) if several else [augment]
+    if not augments:
+        raise ValueError("augment: give at least one augmenting model")
+    shares = [shared_tokenizer] * len(augments) if isinstance(shared_tokenizer, bool) else list(shared_tokenizer)
+    if len(shares) != len(augments):
+        raise ValueError(f"shared_tokenizer: expected one flag per augmenting model ({len(augments)}), "
+                         f"got {len(shares)}")
+    anchor_shape = model_shape(anchor)
+    shapes = [model_shape(model) for model in augments]
+    for index, (shape, shared) in enumerate(zip(shapes, shares)):
+        if shared:
+            check_vocabularies(anchor_shape, shape, f"augmenting model {index}" if several else "augmenting model")
+    if several:
+        per_model = resolve_per_model_connections([shape.num_layers for shape in shapes], anchor_shape.num_layers,
+                                                  every_n, connections)
+    else:
+        per_model = [resolve_connections(shapes[0].num_layers, anchor_shape.num_layers, every_n, connections)]
+    return CALMModel(anchor, augments, per_model, shapes, relative_scale)
 
 
-def check_vocabularies(anchor_shape: ModelShape, augment_shape: ModelShape) -> None:
+def check_vocabularies(anchor_shape: ModelShape, augment_shape: ModelShape, name: str = "augmenting model") -> None:
     if anchor_shape.vocab_size != augment_shape.vocab_size:
         raise ValueError(
-            f"vocabulary size mismatch: anchor has {anchor_shape.vocab_size} tokens, augmenting model "
-            f"{augment_shape.vocab_size}. Both models must read the same token ids (one tokenizer)."
+            f"vocabulary size mismatch: anchor has {anchor_shape.vocab_size} tokens, {name} "
+            f"{augment_shape.vocab_size}. Both models must read the same token ids (one tokenizer), "
+            "unless the augmenting model has its own tokenizer: then compose with shared_tokenizer=False "
+            "and pass its tokenisation as augment_inputs."
         )

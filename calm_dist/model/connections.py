@@ -71,3 +71,38 @@ def resolve_connections(
     if connections is not None:
         return validate_connections(connections, augment_layers, anchor_layers)
     return every_n_connections(augment_layers, anchor_layers, 4 if every_n is None else every_n)
+
+
+def resolve_per_model_connections(
+    augment_layer_counts: Sequence[int],
+    anchor_layers: int,
+    every_n: int | None = None,
+    connections: Sequence[Sequence[Sequence[int]]] | None = None,
+) -> list[list[Connection]]:
+    """One checked list of pairs per augmenting model: ``every_n`` applied to each model, or
+    ``connections`` holding one list of ``(augment_layer, anchor_layer)`` pairs per model."""
+    count = len(augment_layer_counts)
+    if connections is not None:
+        if every_n is not None:
+            raise ValueError("give either every_n or connections, not both")
+        if not _is_list_of(connections, _is_list_of_pairs) or len(connections) != count:
+            raise ValueError(
+                f"connections: with {count} augmenting models, give one list of (augment_layer, anchor_layer) "
+                f"pairs per model ({count} lists), got {connections!r}"
+            )
+    per_model = []
+    for index, layers in enumerate(augment_layer_counts):
+        pairs = None if connections is None else connections[index]
+        try:
+            per_model.append(resolve_connections(layers, anchor_layers, every_n, pairs))
+        except ValueError as error:
+            raise ValueError(f"augmenting model {index}: {error}") from None
+    return per_model
+
+
+def _is_list_of(value, predicate) -> bool:
+    return isinstance(value, (list, tuple)) and all(predicate(item) for item in value)
+
+
+def _is_list_of_pairs(value) -> bool:
+    return _is_list_of(value, lambda pair: isinstance(pair, (list, tuple)))

@@ -28,7 +28,7 @@ class ComposedDecoderLayer(nn.Module):
     def _apply(hidden, bridges, context: CompositionContext):
         residual = 0
         for index, bridge in bridges:
-            residual = residual + bridge(hidden, context.inputs[index], context)
+            residual = residual + bridge(hidden, context.inputs[index])
         return hidden + residual if bridges else hidden
 
     def forward(self, hidden_states, *args, calm_context: CompositionContext | None = None, **kwargs):

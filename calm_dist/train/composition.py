@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,9 +37,10 @@ def _check_vocabulary(model, side: str, task_data: TaskData) -> None:
         )
 
 
-def build_composed(config: Config, model_dirs: dict[str, Path], task_data: TaskData) -> CALMModel:
+def build_composed(config: Config, model_dirs: dict[str, Path], task_data: TaskData, augment=None) -> CALMModel:
+    """CALM over the saved base models; ``augment`` replaces the saved m_A (the baselines' ablations)."""
     anchor = load_pretrained(model_dirs["anchor"], "anchor")
-    augment = load_pretrained(model_dirs["augment"], "augment")
+    augment = augment if augment is not None else load_pretrained(model_dirs["augment"], "augment")
     _check_vocabulary(anchor, "anchor", task_data)
     _check_vocabulary(augment, "augment", task_data)
     torch.manual_seed(config.run.seed + 4)
@@ -94,31 +96,52 @@ class Evaluator:
         }
 
 
-def train_composition(model: CALMModel, config: Config, task_data: TaskData, logger: MetricsLogger,
-                      evaluator: Evaluator | None = None) -> list[tuple[int, float]]:
-    """Trains the bridges on D_C; logs one record per optimizer step."""
+def train_on_composition_set(loss_fn: Callable[[dict], torch.Tensor], parameters: list[torch.nn.Parameter],
+                             config: Config, task_data: TaskData, logger: MetricsLogger, *, description: str,
+                             track: Callable[[int], dict] | None = None) -> list[tuple[int, float]]:
+    """Trains ``parameters`` on D_C with the composition's budget (train.*); logs one record per optimizer
+    step, with ``track(step)``'s entries added. Returns the (step, loss) curve."""
     reader = composition_reader(config, task_data)
     tokens_per_step = [0]
     curve: list[tuple[int, float]] = []
     started = time.perf_counter()
 
-    def loss_fn(batch):
+    def counted_loss(batch):
         tokens_per_step[0] = int(batch["attention_mask"].sum())
-        return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return loss_fn(batch)
 
     def on_step(step: int, loss: float, lr: float) -> None:
         record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_per_step[0],
                   "elapsed_s": round(time.perf_counter() - started, 3)}
-        every = config.train.eval_every
-        if evaluator is not None and every and step % every == 0 and step < config.train.max_steps:
-            model.eval()
-            record.update(evaluator.tracking(model))
-            model.train()
+        if track is not None:
+            record.update(track(step))
         logger.log(record)
         curve.append((step, loss))
 
+    train_loop(counted_loss, parameters, reader, OptimSettings.of(config.train), description=description,
+               on_step=on_step)
+    return curve
+
+
+def train_composition(model: CALMModel, config: Config, task_data: TaskData, logger: MetricsLogger,
+                      evaluator: Evaluator | None = None,
+                      description: str = "composition (CALM)") -> list[tuple[int, float]]:
+    """Trains the bridges on D_C; logs one record per optimizer step."""
+
+    def track(step: int) -> dict:
+        every = config.train.eval_every
+        if evaluator is None or not every or step % every or step >= config.train.max_steps:
+            return {}
+        model.eval()
+        accuracies = evaluator.tracking(model)
+        model.train()
+        return accuracies
+
+    def loss_fn(batch):
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
     model.train()
-    train_loop(loss_fn, model.trainable_parameters(), reader, OptimSettings.of(config.train),
-               description="composition (CALM)", on_step=on_step)
+    curve = train_on_composition_set(loss_fn, model.trainable_parameters(), config, task_data, logger,
+                                     description=description, track=track)
     model.eval()
     return curve

@@ -11,6 +11,7 @@ import yaml
 
 from calm_dist.config import Config, to_dict
 from calm_dist.train.base_models import weights_checksum
+from calm_dist.train.baselines import baseline_curves, enabled_rows, run_baselines
 from calm_dist.train.composition import Evaluator, build_composed, train_composition
 from calm_dist.train.pretrain import ensure_base_models, pretrain_summary
 from calm_dist.train.report import MetricsLogger, format_table, plot_losses, read_jsonl, write_json_atomically
@@ -76,22 +77,32 @@ def prepare_run(config: Config, timer: Timer, resumable: bool = False):
 
 
 def finish_run(config: Config, model, task_data, model_dirs, run_dir: Path, curve, timer: Timer, extra=None) -> Path:
-    """Evaluates m_A, m_B and CALM; writes results.json, run_summary.json and the loss curves."""
+    """Evaluates m_A, m_B and CALM, then trains and evaluates the enabled baselines (config.baselines);
+    writes results.json (before the baselines too), run_summary.json and the loss curves."""
     torch.save(model.composition_state_dict(), run_dir / "composition.pt")
-    results = Evaluator(config, task_data).table(model)
+    evaluator = Evaluator(config, task_data)
+    results = evaluator.table(model)
     timer.mark("evaluation")
     write_json_atomically(run_dir / "results.json", results)
+    composition_parameters = sum(p.numel() for p in model.trainable_parameters())
+    baselines: dict = {}
+    if enabled_rows(config):
+        results.update(run_baselines(config, task_data, model_dirs, evaluator, run_dir, timer=timer, details=baselines,
+                                     composition_parameters=composition_parameters))
+        write_json_atomically(run_dir / "results.json", results)
     summary = {
         "timings": timer.summary(),
         "base_models": {side: {"path": str(path), "sha256": weights_checksum(path), **pretrain_summary(path)}
                         for side, path in model_dirs.items()},
-        "composition_parameters": sum(p.numel() for p in model.trainable_parameters()),
+        "composition_parameters": composition_parameters,
         "connections": model.connections,
         "data": str(task_data.directory),
+        **({"baselines": baselines} if baselines else {}),
         **(extra or {}),
     }
     write_json_atomically(run_dir / "run_summary.json", summary)
-    plot_losses({**_base_curves(model_dirs), "composition": curve}, run_dir / "loss_curves.png")
+    plot_losses({**_base_curves(model_dirs), "composition": curve, **baseline_curves(config, run_dir)},
+                run_dir / "loss_curves.png")
     print(format_table(results), flush=True)
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items()), flush=True)
     return run_dir

@@ -7,6 +7,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
 import data_pipeline as dp
@@ -41,15 +43,26 @@ class _ThreadHandover:
             self.taken = True
 
 
+def init_seed(config: Config, side: str) -> int:
+    """The seed of a side's initial weights and of its training batches."""
+    return config.run.seed + (1 if side == "augment" else 2)
+
+
+def pretrain_on_split(config: Config, side: str, split: str, task_data: TaskData, target: Path) -> dict:
+    """Trains a model like ``side``'s (architecture, settings, seed) on another split, saved to ``target``."""
+    return _pretrain(config, side, task_data, target, config.run.threads, split=split)
+
+
 def _pretrain(config: Config, side: str, task_data: TaskData, target: Path, threads: int,
-              done=None, other_done=None, all_threads: int = 0) -> dict:
+              done=None, other_done=None, all_threads: int = 0, split: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     handover = _ThreadHandover(other_done, all_threads)
     base = getattr(config, side)
-    seed = config.run.seed + (1 if side == "augment" else 2)
+    split = split or SIDES[side]
+    seed = init_seed(config, side)
     model = build_model(base.model, task_data.vocab_size, task_data.special_ids, seed).train()
-    reader = dp.ShardedReader(task_data.directory, SIDES[side], base.pretrain.batch_size, seed=seed,
+    reader = dp.ShardedReader(task_data.directory, split, base.pretrain.batch_size, seed=seed,
                               pad_id=task_data.special_ids["pad_token_id"])
     log = []
 
@@ -59,14 +72,28 @@ def _pretrain(config: Config, side: str, task_data: TaskData, target: Path, thre
 
     start = time.perf_counter()
     train_loop(loss_fn, list(model.parameters()), reader, OptimSettings.of(base.pretrain),
-               description=f"pretrain {side} ({'m_A' if side == 'augment' else 'm_B'})",
+               description=f"pretrain {side} ({'m_A' if side == 'augment' else 'm_B'}) on {split}",
                on_step=lambda step, loss, lr: (log.append({"step": step, "loss": loss, "lr": lr}), handover()))
     seconds = time.perf_counter() - start
     if done is not None:
         done.set()
+    if base.zero_unseen_embeddings:
+        zero_unseen_embeddings(model, task_data, split)
     tokenizer = dp.load_tokenizer(task_data.tokenizer_dir)
-    save_atomically(model.eval(), tokenizer, target, {"side": side, "seconds": seconds, "log": log})
+    save_atomically(model.eval(), tokenizer, target, {"side": side, "split": split, "seconds": seconds, "log": log})
     return {"side": side, "seconds": seconds, "final_loss": log[-1]["loss"]}
+
+
+def zero_unseen_embeddings(model, task_data: TaskData, split: str) -> int:
+    """Zeroes the input embeddings of the tokens that never occur in ``split``; returns their count."""
+    table, _ = dp.load_split(task_data.directory, split)
+    seen = torch.from_numpy(np.unique(pc.list_flatten(table.column("input_ids")).to_numpy()))
+    embeddings = model.get_input_embeddings().weight
+    unseen = torch.ones(embeddings.shape[0], dtype=torch.bool)
+    unseen[seen] = False
+    with torch.no_grad():
+        embeddings[unseen] = 0
+    return int(unseen.sum())
 
 
 def ensure_base_models(config: Config, task_data: TaskData) -> dict[str, Path]:

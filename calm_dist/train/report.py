@@ -7,6 +7,13 @@ from pathlib import Path
 
 ROWS = ("m_A", "m_B", "calm")
 COLUMNS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
+HELDIN_COLUMN = "kv_arithmetic_heldin"  # KV-Arithmetic over held-in keys, in the baselines' rows
+ROW_LABELS = {
+    "m_A": "m_A (augment)", "m_B": "m_B (anchor)", "calm": "CALM m_A+m_B", "calm_heldin_keys": "CALM, held-in keys",
+    "lora": "LoRA (anchor)", "calm_random_augment": "CALM (random m_A)", "calm_vanilla_augment": "CALM (vanilla m_A)",
+    "calm_two_augments": "CALM (2 augmenting models)", "calm_different_tokenizer": "CALM (different tokenizer)",
+}
+LABEL_WIDTH = max(len(label) for label in ROW_LABELS.values())
 
 
 def write_json_atomically(path: Path, payload) -> None:
@@ -18,12 +25,12 @@ def write_json_atomically(path: Path, payload) -> None:
 class MetricsLogger:
     """One JSON object per optimizer step in metrics.jsonl, mirrored to TensorBoard."""
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", tensorboard_dir: str = "tensorboard"):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / filename
         self._file = open(self.path, "a", buffering=1)
-        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self._writer = SummaryWriter(str(run_dir / tensorboard_dir))
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -63,9 +70,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) of every step in a run's metrics.jsonl."""
-    return [(record["step"], record["loss"]) for record in read_jsonl(run_dir / "metrics.jsonl")]
+def loss_curve(run_dir: Path, filename: str = "metrics.jsonl") -> list[tuple[int, float]]:
+    """(step, loss) of every step in one of a run's metrics files (the composition's by default)."""
+    return [(record["step"], record["loss"]) for record in read_jsonl(run_dir / filename)]
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
@@ -90,15 +97,21 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 
 def format_table(results: dict) -> str:
-    """The paper's table shape: accuracy % per model and task."""
-    header = f"| {'model':<20} | " + " | ".join(f"{c:>18}" for c in COLUMNS) + " |"
-    lines = [header, "|" + "-" * 22 + "|" + ("-" * 20 + "|") * len(COLUMNS)]
-    names = {"m_A": "m_A (augment)", "m_B": "m_B (anchor)", "calm": "CALM m_A+m_B",
-             "calm_heldin_keys": "CALM, held-in keys"}
-    for row, label in names.items():
-        if row not in results:
+    """The paper's table shape: accuracy % per model and task. With baseline rows a held-in-keys column
+    is added, and CALM's held-in score moves into it."""
+    rows = dict(results)
+    columns = COLUMNS
+    if any(HELDIN_COLUMN in cells for cells in results.values()):
+        columns = COLUMNS + (HELDIN_COLUMN,)
+        if "calm" in rows and "calm_heldin_keys" in rows:
+            rows["calm"] = {**rows["calm"], HELDIN_COLUMN: rows.pop("calm_heldin_keys")["kv_arithmetic"]}
+    titles = {HELDIN_COLUMN: "kv_arith (held-in)"}
+    header = f"| {'model':<{LABEL_WIDTH}} | " + " | ".join(f"{titles.get(c, c):>18}" for c in columns) + " |"
+    lines = [header, "|" + "-" * (LABEL_WIDTH + 2) + "|" + ("-" * 20 + "|") * len(columns)]
+    for row, label in ROW_LABELS.items():
+        if row not in rows:
             continue
-        cells = [results[row].get(column) for column in COLUMNS]
+        cells = [rows[row].get(column) for column in columns]
         text = [f"{c:>18.1f}" if isinstance(c, (int, float)) else f"{'-':>18}" for c in cells]
-        lines.append(f"| {label:<20} | " + " | ".join(text) + " |")
+        lines.append(f"| {label:<{LABEL_WIDTH}} | " + " | ".join(text) + " |")
     return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Composing models whose tokenizers differ: each reads the same text through its own tokens.
+
+Every token records the character offset in the text where it ends. A position's *reach* is the
+largest end offset among the real tokens up to it: how far into the text its hidden state has read
+(a zero-width special token such as BOS reaches no further than the tokens before it). An anchor
+token may read an augment position iff that position is not padding and its reach is at most the
+anchor token's own reach, so nothing after the anchor token's end can influence it. With one
+shared tokenizer this is exactly the index-based mask of ``masks.cross_attention_allowed``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class AugmentInput:
+    """One model's own tokenisation of a batch of texts: ids, attention mask, and each token's end
+    offset into its text (0 at padding). Shapes ``[B, S]``, padded on the tokenizer's side."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    end_offsets: torch.Tensor
+
+    def __post_init__(self):
+        shapes = {tuple(self.input_ids.shape), tuple(self.attention_mask.shape), tuple(self.end_offsets.shape)}
+        if len(shapes) != 1 or self.input_ids.dim() != 2:
+            raise ValueError(
+                "AugmentInput: input_ids, attention_mask and end_offsets must share one [batch, length] shape, "
+                f"got {tuple(self.input_ids.shape)}, {tuple(self.attention_mask.shape)}, "
+                f"{tuple(self.end_offsets.shape)}"
+            )
+
+    def to(self, device) -> AugmentInput:
+        return AugmentInput(self.input_ids.to(device), self.attention_mask.to(device), self.end_offsets.to(device))
+
+
+def token_end_offsets(tokenizer, texts: Sequence[str]) -> AugmentInput:
+    """Tokenise ``texts`` (special tokens included, padded to the longest) with the end offset of
+    every token, from a Hugging Face fast tokenizer's offset mapping. Padding gets offset 0."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: end offsets need return_offsets_mapping"
+        )
+    encoded = tokenizer(list(texts), padding=True, return_offsets_mapping=True, return_tensors="pt")
+    mask = encoded["attention_mask"]
+    ends = encoded["offset_mapping"][..., 1].masked_fill(mask == 0, 0)
+    return AugmentInput(encoded["input_ids"], mask, ends)
+
+
+def reach(end_offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S]: the largest end offset among the real tokens up to each position."""
+    return end_offsets.masked_fill(attention_mask == 0, 0).cummax(dim=-1).values
+
+
+def aligned_allowed(anchor_end: torch.Tensor, augment_end: torch.Tensor, augment_mask: torch.Tensor,
+                    query_start: int, query_len: int) -> torch.Tensor:
+    """[B, 1, Q, S] bool: anchor position t may read augment position s iff s is not padding and
+    reaches no further into the text than t does.
+
+    ``anchor_end`` ``[B, T]`` covers the anchor's whole sequence (0 at its padding); queries are
+    anchor positions ``query_start .. query_start + query_len - 1``. ``augment_end`` and
+    ``augment_mask`` ``[B, S]`` are the augmenting model's own tokenisation of the same texts.
+    """
+    if anchor_end.shape[0] != augment_end.shape[0]:
+        raise ValueError(f"batch sizes differ: anchor {anchor_end.shape[0]}, augment {augment_end.shape[0]}")
+    anchor_reach = anchor_end.cummax(dim=-1).values[:, query_start:query_start + query_len]
+    augment_reach = reach(augment_end, augment_mask)
+    readable = augment_reach[:, None, :] <= anchor_reach[:, :, None]
+    return (readable & augment_mask.bool()[:, None, :])[:, None]
+
+
+def decode_with_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[int]]:
+    """The text of ``token_ids`` and where each token ends in it.
+
+    The text is ``decode(token_ids)`` without special tokens. Token k ends where the decoding of the
+    first k + 1 tokens stops agreeing with that text, so a token that completes nothing on its own
+    (the first bytes of a multi-byte character, a special token) ends where the one before it did.
+    """
+    text = _decode(tokenizer, token_ids)
+    ends = [len(os.path.commonprefix([_decode(tokenizer, token_ids[:count]), text]))
+            for count in range(1, len(token_ids) + 1)]
+    return text, ends
+
+
+def _decode(tokenizer, token_ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,0 +1,207 @@
+"""Augmenting models with their own tokenizers: the offset-aligned cross-attention mask."""
+import random
+
+import pytest
+import torch
+
+import calm_dist
+from calm_dist.model import AugmentInput, aligned_allowed, generate_text, token_end_offsets
+from calm_dist.model.alignment import decode_with_end_offsets
+from calm_dist.model.masks import cross_attention_allowed
+from tests.tiny_models import ALPHABET, BOS, EOS, PAD, chunk_tokenizer, randomise_bridges, tiny_model
+
+pytestmark = pytest.mark.timeout(120)
+
+ANCHOR_TOKENIZER = chunk_tokenizer(2, bos=True)
+TOKENIZERS = {"chunks of 3": chunk_tokenizer(3, bos=False), "characters": chunk_tokenizer(1, bos=True)}
+CONNECTIONS = {"chunks of 3": [(0, -1), (1, 0), (3, 2)], "characters": [(0, 1), (2, 2)], "anchor's": [(1, 0), (2, 2)]}
+# Each setup: the augmenting models' tokenizers (None = the anchor's, reading the anchor's ids).
+SETUPS = {"two own tokenizers": ["chunks of 3", "characters"], "shared and own": [None, "chunks of 3"]}
+
+
+def composed(augment_names):
+    anchor = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1, vocab=len(ANCHOR_TOKENIZER))
+    with torch.no_grad():  # logit 0 for PAD, BOS, EOS: greedy decoding writes text
+        anchor.lm_head.weight[[PAD, BOS, EOS]] = 0
+    augments, connections = [], []
+    for index, name in enumerate(augment_names):
+        vocab = len(ANCHOR_TOKENIZER) if name is None else len(TOKENIZERS[name])
+        augments.append(tiny_model(["gpt2", "qwen2"][index], hidden=32, layers=4, heads=4, seed=2 + index,
+                                   vocab=vocab))
+        connections.append(CONNECTIONS[name or "anchor's"])
+    model = calm_dist.compose(anchor, augments, connections=connections,
+                              shared_tokenizer=[name is None for name in augment_names])
+    randomise_bridges(model)
+    return model
+
+
+def aligned_logits(model, augment_names, texts):
+    anchor = token_end_offsets(ANCHOR_TOKENIZER, texts)
+    augment_inputs = [None if name is None else token_end_offsets(TOKENIZERS[name], texts) for name in augment_names]
+    with torch.no_grad():
+        logits = model(anchor.input_ids, anchor.attention_mask, augment_inputs=augment_inputs,
+                       anchor_end_offsets=anchor.end_offsets).logits
+    return logits, anchor
+
+
+def random_text(length, seed):
+    rng = random.Random(seed)
+    return "".join(rng.choice(ALPHABET) for _ in range(length))
+
+
+def test_end_offsets_follow_each_tokenizer():
+    encoded = token_end_offsets(TOKENIZERS["chunks of 3"], ["ab ba", "b"])
+    assert encoded.input_ids.tolist() == [TOKENIZERS["chunks of 3"].convert_tokens_to_ids(["ab ", "ba"]),
+                                          [TOKENIZERS["chunks of 3"].convert_tokens_to_ids("b"), 0]]
+    assert encoded.end_offsets.tolist() == [[3, 5], [1, 0]]
+    assert encoded.attention_mask.tolist() == [[1, 1], [1, 0]]
+    assert token_end_offsets(ANCHOR_TOKENIZER, ["ab ba"]).end_offsets.tolist() == [[0, 2, 4, 5]]
+    ids = token_end_offsets(ANCHOR_TOKENIZER, ["ab ba"]).input_ids[0].tolist()
+    assert decode_with_end_offsets(ANCHOR_TOKENIZER, ids) == ("ab ba", [0, 2, 4, 5])
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_no_leak_from_text_after_an_anchor_token_across_tokenizers(setup):
+    names = SETUPS[setup]
+    model = composed(names)
+    texts = [random_text(13, seed=1), random_text(13, seed=2)]
+    before, anchor = aligned_logits(model, names, texts)
+    three_chunk_ends = set(token_end_offsets(TOKENIZERS["chunks of 3"], texts).end_offsets[0].tolist())
+    assert three_chunk_ends - set(anchor.end_offsets[0].tolist())  # some augment tokens straddle anchor boundaries
+    for t in range(anchor.input_ids.shape[1] - 1):
+        end = int(anchor.end_offsets[0, t])
+        flipped = [text[:end] + "".join({"a": "b", "b": " ", " ": "a"}[c] for c in text[end:]) for text in texts]
+        after, changed_anchor = aligned_logits(model, names, flipped)
+        assert torch.equal(changed_anchor.input_ids[:, : t + 1], anchor.input_ids[:, : t + 1])
+        assert (before[:, : t + 1] - after[:, : t + 1]).abs().max().item() == 0.0, f"anchor token {t} saw the future"
+        assert (before[:, t + 1:] - after[:, t + 1:]).abs().max().item() > 0  # the test can see a change
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("query_start", [0, 3])
+def test_one_tokenizer_gives_the_index_mask(padding_side, query_start):
+    tokenizer = chunk_tokenizer(2, bos=True)
+    tokenizer.padding_side = padding_side
+    encoded = token_end_offsets(tokenizer, [random_text(11, seed=3), random_text(4, seed=4), random_text(7, seed=5)])
+    query_len = encoded.input_ids.shape[1] - query_start
+    aligned = aligned_allowed(encoded.end_offsets, encoded.end_offsets, encoded.attention_mask, query_start, query_len)
+    index = cross_attention_allowed(encoded.attention_mask, query_start, query_len)
+    real_queries = encoded.attention_mask[:, query_start:].bool()  # what padded anchor positions read is unused
+    assert torch.equal(aligned[:, 0][real_queries], index[:, 0][real_queries])
+
+
+def test_one_tokenizer_aligned_forward_equals_the_plain_forward():
+    model = composed([None])
+    texts = [random_text(12, seed=6), random_text(5, seed=7)]
+    own = token_end_offsets(ANCHOR_TOKENIZER, texts)
+    with torch.no_grad():
+        plain = model(own.input_ids, own.attention_mask).logits
+        aligned = model(own.input_ids, own.attention_mask, augment_inputs=[own], anchor_end_offsets=own.end_offsets)
+    assert torch.equal(aligned.logits, plain)
+
+
+def test_a_zero_width_token_after_text_reaches_as_far_as_that_text():
+    anchor_end = torch.tensor([[2, 4, 6]])
+    augment_end = torch.tensor([[3, 6, 0]])  # the last: a special token appended after the text
+    allowed = aligned_allowed(anchor_end, augment_end, torch.ones_like(augment_end), 0, 3)
+    assert allowed[0, 0].tolist() == [[False, False, False], [True, False, False], [True, True, True]]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_augment_padding_is_never_read(padding_side):
+    names = SETUPS["two own tokenizers"]
+    model = composed(names)
+    texts = [random_text(12, seed=8), random_text(4, seed=9)]
+    anchor = token_end_offsets(ANCHOR_TOKENIZER, texts)
+    inputs = []
+    for name in names:
+        TOKENIZERS[name].padding_side = padding_side
+        inputs.append(token_end_offsets(TOKENIZERS[name], texts))
+        TOKENIZERS[name].padding_side = "right"
+    assert all(bool((own.attention_mask == 0).any()) for own in inputs)
+    garbled = [AugmentInput(own.input_ids.masked_fill(own.attention_mask == 0, 5), own.attention_mask,
+                            own.end_offsets) for own in inputs]
+    with torch.no_grad():
+        clean = model(anchor.input_ids, anchor.attention_mask, augment_inputs=inputs,
+                      anchor_end_offsets=anchor.end_offsets).logits
+        dirty = model(anchor.input_ids, anchor.attention_mask, augment_inputs=garbled,
+                      anchor_end_offsets=anchor.end_offsets).logits
+        alone, _ = aligned_logits(model, names, texts[1:])
+    real = anchor.attention_mask.bool()
+    assert (clean[real] - dirty[real]).abs().max().item() == 0.0
+    torch.testing.assert_close(clean[1, real[1]], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def stepwise_reference(model, names, prompt, steps):
+    """Greedy continuation of one prompt, every step one full forward on hand-built tokenisations."""
+    tokens = ANCHOR_TOKENIZER.convert_ids_to_tokens(ANCHOR_TOKENIZER(prompt)["input_ids"])
+    generated = []
+    for _ in range(steps):
+        pieces = ["" if token == "<s>" else token for token in tokens]
+        text = "".join(pieces)
+        anchor_ends = torch.tensor([[sum(len(piece) for piece in pieces[: k + 1]) for k in range(len(pieces))]])
+        augment_inputs = [None if name is None else hand_tokenised(name, text) for name in names]
+        ids = torch.tensor([ANCHOR_TOKENIZER.convert_tokens_to_ids(tokens)])
+        with torch.no_grad():
+            logits = model(ids, augment_inputs=augment_inputs, anchor_end_offsets=anchor_ends).logits
+        next_id = int(logits[0, -1].argmax())
+        generated.append(next_id)
+        tokens.append(ANCHOR_TOKENIZER.convert_ids_to_tokens(next_id))
+    return generated
+
+
+def hand_tokenised(name, text):
+    width = {"chunks of 3": 3, "characters": 1}[name]
+    chunks = [text[start:start + width] for start in range(0, len(text), width)]
+    ends = [min(start + width, len(text)) for start in range(0, len(text), width)]
+    if name == "characters":  # this tokenizer starts with BOS
+        chunks, ends = ["<s>"] + chunks, [0] + ends
+    ids = torch.tensor([TOKENIZERS[name].convert_tokens_to_ids(chunks)])
+    return AugmentInput(ids, torch.ones_like(ids), torch.tensor([ends]))
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_generate_text_equals_a_stepwise_full_forward_argmax(setup):
+    names = SETUPS[setup]
+    model = composed(names)
+    prompts = ["ab ba b", "b", "a ab"]
+    tokenizers = [None if name is None else TOKENIZERS[name] for name in names]
+    result = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=6, eos_token_id=None)
+    expected = [stepwise_reference(model, names, prompt, 6) for prompt in prompts]
+    assert result.new_token_ids == expected
+    assert len({tuple(ids) for ids in expected}) > 1  # the prompts steer the output
+    for prompt, text, ids in zip(prompts, result.texts, result.new_token_ids):
+        assert text == prompt + ANCHOR_TOKENIZER.decode(ids, skip_special_tokens=True)
+
+
+def test_generate_text_stops_a_row_at_eos():
+    names = SETUPS["two own tokenizers"]
+    model = composed(names)
+    tokenizers = [TOKENIZERS[name] for name in names]
+    free = generate_text(model, ANCHOR_TOKENIZER, tokenizers, ["ab ba b", "b"], 5, eos_token_id=None).new_token_ids
+    eos = free[0][1]
+    stopped = generate_text(model, ANCHOR_TOKENIZER, tokenizers, ["ab ba b", "b"], 5, eos_token_id=eos).new_token_ids
+    for row_free, row_stopped in zip(free, stopped):
+        assert row_stopped == (row_free[: row_free.index(eos) + 1] if eos in row_free else row_free)
+    assert len(stopped[0]) < 5
+
+
+def test_misused_alignment_inputs_raise_clear_errors():
+    names = SETUPS["two own tokenizers"]
+    model = composed(names)
+    anchor = token_end_offsets(ANCHOR_TOKENIZER, ["ab b"])
+    own = [token_end_offsets(TOKENIZERS[name], ["ab b"]) for name in names]
+    with pytest.raises(ValueError, match="need anchor_end_offsets"):
+        model(anchor.input_ids, anchor.attention_mask, augment_inputs=own)
+    with pytest.raises(ValueError, match="expected 2 entries"):
+        model(anchor.input_ids, anchor.attention_mask, augment_inputs=own[:1], anchor_end_offsets=anchor.end_offsets)
+    with pytest.raises(ValueError, match="without caches"):
+        model.step(anchor.input_ids, anchor.attention_mask, caches=model.new_caches(), augment_inputs=own,
+                   anchor_end_offsets=anchor.end_offsets)
+    with pytest.raises(ValueError, match="one \\[batch, length\\] shape"):
+        AugmentInput(own[0].input_ids, own[0].attention_mask[:, :1], own[0].end_offsets)
+    with pytest.raises(ValueError, match="shared_tokenizer=False"):
+        calm_dist.compose(tiny_model("llama", 48, 3, 6, vocab=len(ANCHOR_TOKENIZER)),
+                          tiny_model("gpt2", 32, 4, 4, vocab=len(TOKENIZERS["chunks of 3"])), every_n=2)
+    with pytest.raises(ValueError, match="expected 2 entries"):
+        generate_text(model, ANCHOR_TOKENIZER, [None], ["ab"], 2)
