@@ -46,10 +46,6 @@ def main(argv=None) -> int:
         from launcher.ray_driver import run_ray_job
 
         run_dir = run_ray_job(config)
-    elif config.extra_augments:
-        print("error: extra_augments run on the distributed runtime only: use run.launcher=ray or torchrun",
-              file=sys.stderr)
-        return 2
     else:
         from calm_dist.train.job import run_job
 

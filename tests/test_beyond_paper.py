@@ -49,3 +49,19 @@ def test_anchor_words_read_only_characters_that_end_with_them():
     readable = allowed[0, 0].sum(-1).tolist()
     # BOS reads the character model's BOS; "qz" also its two characters; "+" one more; "abc" three more; ...
     assert readable == [1, 3, 4, 7, 8, 9, 9]
+
+
+def test_zero_unseen_embeddings_zeroes_exactly_the_tokens_absent_from_the_training_split(tmp_path):
+    from calm_dist.train.base_models import build_model
+    from calm_dist.train.pretrain import zero_unseen_embeddings
+    from calm_dist.train.task_data import ANCHOR_TRAIN, prepare_task_data
+
+    config = load_config("configs/tiny.yaml", [f"run.cache_dir={tmp_path}"])
+    task_data = prepare_task_data(config)
+    model = build_model(config.anchor.model, task_data.vocab_size, task_data.special_ids, seed=0)
+    table, _ = dp.load_split(task_data.directory, ANCHOR_TRAIN)
+    seen = {token for row in table.column("input_ids").to_pylist() for token in row}
+    zeroed = zero_unseen_embeddings(model, task_data, ANCHOR_TRAIN)
+    rows_zero = model.get_input_embeddings().weight.abs().sum(-1) == 0
+    assert zeroed == task_data.vocab_size - len(seen) >= config.data.num_keys  # every key is unseen by m_B
+    assert rows_zero.nonzero().flatten().tolist() == sorted(set(range(task_data.vocab_size)) - seen)

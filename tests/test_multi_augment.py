@@ -80,3 +80,19 @@ def test_resume_refuses_a_changed_or_added_extra_augment(prepared):
     rewired["config"]["extra_augments"][0]["connections"] = [[0, 0]]
     with pytest.raises(ValueError, match=r"extra_augments\[0\].connections"):
         check_resumable({"step": 4, **identity}, rewired)
+
+
+def test_local_launcher_composes_every_augmenting_model(prepared, tmp_path):
+    """run.launcher=local takes extra_augments too: one process, the same per-step losses."""
+    from calm_dist.train.job import run_job
+
+    config, task_data, model_dirs = prepared
+    local = copy.deepcopy(config)
+    local.run.launcher, local.run.output_dir, local.run.threads = "local", str(tmp_path), 1
+    run_dir = run_job(local)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reference, _ = single_process_multi(config, task_data, model_dirs)
+    assert losses == pytest.approx(reference, abs=1e-4)
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert set(summary["base_models"]) == {"anchor", "augment", "augment_1"}
+    assert len(summary["connections"]) == len(config.composition.connections) + len(config.extra_augments[0].connections)

@@ -93,29 +93,20 @@ def consolidated_bridges(model) -> dict[str, torch.Tensor]:
 
 
 def evaluate_on_rank_zero(inputs: RunInputs, bridges: dict, curve, timer, extra: dict | None = None) -> Path:
-    from calm_dist.train.augmenting_models import build_multi_composed
-    from calm_dist.train.composition import build_composed
-    from calm_dist.train.job import finish_run
+    from calm_dist.train.job import build_job_model, finish_run
 
-    if inputs.config.extra_augments:
-        model = build_multi_composed(inputs.config, inputs.model_dirs)
-    else:
-        model = build_composed(inputs.config, inputs.model_dirs, inputs.task_data)
+    model = build_job_model(inputs.config, inputs.model_dirs, inputs.task_data)
     model.load_composition_state_dict(bridges)
     return finish_run(inputs.config, model.eval(), inputs.task_data, inputs.model_dirs, inputs.run_dir, curve, timer,
                       extra)
 
 
 def prepare_models_and_data(config: Config, timer):
-    """(run dir, task data, model dirs of the anchor and every augmenting model); extra augmenting models
-    are checked first, so a bad path fails before the base models are trained."""
-    from calm_dist.train.augmenting_models import check_extra_vocabularies, extra_augment_dirs
+    """(run dir, task data, model dirs of the anchor and every augmenting model), resumable when
+    checkpointing is on."""
     from calm_dist.train.job import prepare_run
 
-    extra_dirs = extra_augment_dirs(config)
-    run_dir, task_data, model_dirs = prepare_run(config, timer, resumable=config.checkpoint.every_steps > 0)
-    check_extra_vocabularies(config, task_data)
-    return run_dir, task_data, {**model_dirs, **extra_dirs}
+    return prepare_run(config, timer, resumable=config.checkpoint.every_steps > 0)
 
 
 def run_torchrun_job(config: Config) -> Path | None:

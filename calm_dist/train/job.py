@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from calm_dist.config import Config, to_dict
+from calm_dist.model.composed import CALMModel
+from calm_dist.train.augmenting_models import build_multi_composed, check_extra_vocabularies, extra_augment_dirs
 from calm_dist.train.base_models import weights_checksum
 from calm_dist.train.baselines import baseline_curves, enabled_rows, run_baselines
 from calm_dist.train.composition import Evaluator, build_composed, train_composition
@@ -64,16 +66,27 @@ class Timer:
 
 
 def prepare_run(config: Config, timer: Timer, resumable: bool = False):
-    """Run directory, data and base models: everything the composition needs, before any worker."""
+    """Run directory, data and the directories of the anchor and every augmenting model: everything the
+    composition needs, before any worker. Extra augmenting models are checked first, so a bad path fails
+    before the base models are trained."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    extra_dirs = extra_augment_dirs(config)
     run_dir = make_run_dir(config, resumable)
     print(f"run directory: {run_dir}", flush=True)
     task_data = prepare_task_data(config)
     timer.mark("data")
     model_dirs = ensure_base_models(config, task_data)
     timer.mark("base_models")
-    return run_dir, task_data, model_dirs
+    check_extra_vocabularies(config, task_data)
+    return run_dir, task_data, {**model_dirs, **extra_dirs}
+
+
+def build_job_model(config: Config, model_dirs: dict[str, Path], task_data) -> CALMModel:
+    """CALM over the job's anchor and every augmenting model (``extra_augments`` included)."""
+    if config.extra_augments:
+        return build_multi_composed(config, model_dirs)
+    return build_composed(config, model_dirs, task_data)
 
 
 def finish_run(config: Config, model, task_data, model_dirs, run_dir: Path, curve, timer: Timer, extra=None) -> Path:
@@ -112,7 +125,7 @@ def run_job(config: Config) -> Path:
     """Runs the whole job in this process and returns the run directory."""
     timer = Timer()
     run_dir, task_data, model_dirs = prepare_run(config, timer)
-    model = build_composed(config, model_dirs, task_data)
+    model = build_job_model(config, model_dirs, task_data)
     logger = MetricsLogger(run_dir)
     try:
         curve = train_composition(model, config, task_data, logger, Evaluator(config, task_data))
