@@ -1,0 +1,65 @@
+"""Investigation row 17: bridges with a learned relative-position bias over the distance between the
+anchor position and the augment position (buckets 0..BUCKETS-1, the last one for every longer
+distance), added to the cross-attention logits. With the anchor's key embeddings zero its query at a
+key position carries nothing about the key, so without positions the bridge cannot single out the
+current key's m_A state; the bias lets it.
+
+    PYTHONPATH=. python docs/experiments/relative_position_bias.py ANCHOR_DIR AUGMENT_DIR BUCKETS STEPS [--set overrides]
+
+ANCHOR_DIR / AUGMENT_DIR: saved m_B / m_A (e.g. the default job's cache entries, m_B trained with
+anchor.zero_unseen_embeddings=true). Runs configs/kv_arithmetic.yaml's composition in one process.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from calm_dist.config import load_config
+from calm_dist.model.bridge import CrossAttentionBridge
+from calm_dist.train.composition import Evaluator, build_composed, train_composition
+from calm_dist.train.report import MetricsLogger
+from calm_dist.train.task_data import prepare_task_data
+
+
+def biased_forward(self, hidden, bridge_input):
+    keys, values = self.project_memory(bridge_input.augment_hidden)
+    if bridge_input.cache is not None:
+        keys, values = bridge_input.cache.extend(keys, values)
+    queries = self._heads(self.q_proj(hidden.to(self.q_proj.weight.dtype)))
+    blocked = torch.full((), torch.finfo(queries.dtype).min, dtype=queries.dtype)
+    mask = torch.where(bridge_input.mask.allowed, torch.zeros((), dtype=queries.dtype), blocked)
+    buckets = self.position_bias.shape[1]
+    query_len, key_len = queries.shape[2], keys.shape[2]
+    distance = torch.arange(key_len - query_len, key_len)[:, None] - torch.arange(key_len)[None, :]
+    mask = mask + self.position_bias[:, distance.clamp(0, buckets - 1)][None]
+    attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    attended = attended * bridge_input.mask.query_has_key.to(attended.dtype)
+    batch, _, length, _ = attended.shape
+    attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+    return self.o_proj(attended).to(hidden.dtype)
+
+
+def main(anchor_dir: str, augment_dir: str, buckets: str, steps: str, *overrides: str) -> None:
+    CrossAttentionBridge.forward = biased_forward
+    config = load_config("configs/kv_arithmetic.yaml",
+                         ["run.launcher=local", f"train.max_steps={steps}", *overrides])
+    task_data = prepare_task_data(config)
+    model = build_composed(config, {"anchor": Path(anchor_dir), "augment": Path(augment_dir)}, task_data)
+    for bridge in model.bridges:
+        bridge.position_bias = torch.nn.Parameter(torch.zeros(bridge.num_heads, int(buckets)))
+    out = Path(config.run.output_dir) / f"position_bias-{buckets}-{steps}-{int(time.time())}"
+    out.mkdir(parents=True)
+    logger = MetricsLogger(out)
+    evaluator = Evaluator(config, task_data, show_progress=False)
+    train_composition(model, config, task_data, logger, evaluator)
+    logger.close()
+    results = evaluator.table(model)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*[arg for arg in sys.argv[1:] if arg != "--set"])
