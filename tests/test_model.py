@@ -6,7 +6,8 @@ import torch
 
 import calm_dist
 from calm_dist.model.loss import per_example_loss
-from tests.tiny_models import EOS, PAD, PAIRS, random_ids, randomise_bridges, tiny_model, tiny_pair
+from tests.tiny_models import (EOS, PAD, PAIRS, random_ids, randomise_bridges, tiny_model, tiny_pair,
+                               train_and_check_only_bridges_change)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,23 +76,7 @@ def test_generation_stops_rows_at_eos_and_pads_them():
 def test_only_composition_parameters_get_gradients(anchor_arch, augment_arch):
     model = tiny_pair(anchor_arch, augment_arch)
     randomise_bridges(model)
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("bridges.")}
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    model.train()
-    for step in range(3):
-        ids = random_ids(2, 8, seed=step)
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-        assert with_grad == {name for name, _ in model.bridges.named_parameters(prefix="bridges")}
-        optimizer.step()
-    for name, parameter in model.named_parameters():
-        if name in frozen:
-            assert torch.equal(parameter, frozen[name]), name
-            assert not parameter.requires_grad
-    assert not model.anchor.training and not model.augment.training
-    assert model.bridges.training
+    train_and_check_only_bridges_change(model, steps=3)
 
 
 def _pad(ids, lengths, side):

@@ -61,6 +61,28 @@ def randomise_bridges(model, std: float = 0.3, seed: int = 3) -> None:
             bridge.o_proj.weight.normal_(0, std, generator=generator)
 
 
+def train_and_check_only_bridges_change(model, steps: int) -> None:
+    """A few optimizer steps on random ids: exactly the bridges get gradients, every other parameter
+    stays bit-identical and frozen, and the base models stay in eval mode."""
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("bridges.")}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        ids = random_ids(2, 8, seed=step)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+        assert with_grad == {name for name, _ in model.bridges.named_parameters(prefix="bridges")}
+        optimizer.step()
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+            assert not parameter.requires_grad
+    assert not model.anchor.training and not any(augment.training for augment in model.augments)
+    assert model.bridges.training
+
+
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
