@@ -1,13 +1,18 @@
-"""Investigation row 17: bridges with a learned relative-position bias over the distance between the
+"""Investigation rows 17, 22 and 23: bridges with a learned relative-position bias over the distance between the
 anchor position and the augment position (buckets 0..BUCKETS-1, the last one for every longer
 distance), added to the cross-attention logits. With the anchor's key embeddings zero its query at a
 key position carries nothing about the key, so without positions the bridge cannot single out the
 current key's m_A state; the bias lets it.
 
-    PYTHONPATH=. python docs/experiments/relative_position_bias.py ANCHOR_DIR AUGMENT_DIR BUCKETS STEPS [--set overrides]
+    PYTHONPATH=. python docs/experiments/relative_position_bias.py ANCHOR_DIR AUGMENT_DIR BUCKETS STEPS \
+        [--same-position-init LOGIT] [--set overrides]
 
-ANCHOR_DIR / AUGMENT_DIR: saved m_B / m_A (e.g. the default job's cache entries, m_B trained with
-anchor.zero_unseen_embeddings=true). Runs configs/kv_arithmetic.yaml's composition in one process.
+ANCHOR_DIR / AUGMENT_DIR: saved m_B / m_A (cache entries under run.cache_dir, m_B trained with
+anchor.zero_unseen_embeddings=true). Runs the composition of configs/kv_arithmetic_200keys.yaml (the
+first default job) with the overrides given, in one process.
+The bias starts at zero, or with LOGIT in bucket 0 (an anchor position reading its own augment
+position) for every head: Adam moves a logit by about the learning rate per step, so a zero-initialised
+bias stays small for the whole run.
 """
 import json
 import sys
@@ -42,14 +47,17 @@ def biased_forward(self, hidden, bridge_input):
     return self.o_proj(attended).to(hidden.dtype)
 
 
-def main(anchor_dir: str, augment_dir: str, buckets: str, steps: str, *overrides: str) -> None:
+def main(anchor_dir: str, augment_dir: str, buckets: str, steps: str, same_position_init: float,
+         *overrides: str) -> None:
     CrossAttentionBridge.forward = biased_forward
-    config = load_config("configs/kv_arithmetic.yaml",
+    config = load_config("configs/kv_arithmetic_200keys.yaml",
                          ["run.launcher=local", f"train.max_steps={steps}", *overrides])
     task_data = prepare_task_data(config)
     model = build_composed(config, {"anchor": Path(anchor_dir), "augment": Path(augment_dir)}, task_data)
     for bridge in model.bridges:
-        bridge.position_bias = torch.nn.Parameter(torch.zeros(bridge.num_heads, int(buckets)))
+        bias = torch.zeros(bridge.num_heads, int(buckets))
+        bias[:, 0] = same_position_init
+        bridge.position_bias = torch.nn.Parameter(bias)
     out = Path(config.run.output_dir) / f"position_bias-{buckets}-{steps}-{int(time.time())}"
     out.mkdir(parents=True)
     logger = MetricsLogger(out)
@@ -62,4 +70,11 @@ def main(anchor_dir: str, augment_dir: str, buckets: str, steps: str, *overrides
 
 
 if __name__ == "__main__":
-    main(*[arg for arg in sys.argv[1:] if arg != "--set"])
+    args = sys.argv[1:]
+    init = 0.0
+    if "--same-position-init" in args:
+        at = args.index("--same-position-init")
+        init = float(args[at + 1])
+        del args[at:at + 2]
+    positional, overrides = args[:4], [arg for arg in args[4:] if arg != "--set"]
+    main(*positional, init, *overrides)
