@@ -1,8 +1,8 @@
-"""Investigation rows 17, 22 and 23: bridges with a learned relative-position bias over the distance between the
-anchor position and the augment position (buckets 0..BUCKETS-1, the last one for every longer
-distance), added to the cross-attention logits. With the anchor's key embeddings zero its query at a
-key position carries nothing about the key, so without positions the bridge cannot single out the
-current key's m_A state; the bias lets it.
+"""Investigation rows 17, 22 and 23: bridges with a learned relative-position bias over the distance
+between the anchor position and the augment position (buckets 0..BUCKETS-1, the last one for every
+longer distance), added to the cross-attention logits. With the anchor's key embeddings zero its
+query at a key position carries nothing about the key, so without positions the bridge cannot single
+out the current key's m_A state; the bias lets it.
 
     PYTHONPATH=. python docs/experiments/relative_position_bias.py ANCHOR_DIR AUGMENT_DIR BUCKETS STEPS \
         [--same-position-init LOGIT] [--set overrides]
@@ -14,8 +14,8 @@ The bias starts at zero, or with LOGIT in bucket 0 (an anchor position reading i
 position) for every head: Adam moves a logit by about the learning rate per step, so a zero-initialised
 bias stays small for the whole run.
 """
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -47,15 +47,15 @@ def biased_forward(self, hidden, bridge_input):
     return self.o_proj(attended).to(hidden.dtype)
 
 
-def main(anchor_dir: str, augment_dir: str, buckets: str, steps: str, same_position_init: float,
-         *overrides: str) -> None:
+def main(anchor_dir: str, augment_dir: str, buckets: int, steps: int, same_position_init: float,
+         overrides: list[str]) -> None:
     CrossAttentionBridge.forward = biased_forward
     config = load_config("configs/kv_arithmetic_200keys.yaml",
                          ["run.launcher=local", f"train.max_steps={steps}", *overrides])
     task_data = prepare_task_data(config)
     model = build_composed(config, {"anchor": Path(anchor_dir), "augment": Path(augment_dir)}, task_data)
     for bridge in model.bridges:
-        bias = torch.zeros(bridge.num_heads, int(buckets))
+        bias = torch.zeros(bridge.num_heads, buckets)
         bias[:, 0] = same_position_init
         bridge.position_bias = torch.nn.Parameter(bias)
     out = Path(config.run.output_dir) / f"position_bias-{buckets}-{steps}-{int(time.time())}"
@@ -70,11 +70,12 @@ def main(anchor_dir: str, augment_dir: str, buckets: str, steps: str, same_posit
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    init = 0.0
-    if "--same-position-init" in args:
-        at = args.index("--same-position-init")
-        init = float(args[at + 1])
-        del args[at:at + 2]
-    positional, overrides = args[:4], [arg for arg in args[4:] if arg != "--set"]
-    main(*positional, init, *overrides)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("anchor_dir")
+    parser.add_argument("augment_dir")
+    parser.add_argument("buckets", type=int)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--same-position-init", type=float, default=0.0, metavar="LOGIT")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides")
+    args = parser.parse_args()
+    main(args.anchor_dir, args.augment_dir, args.buckets, args.steps, args.same_position_init, args.overrides)
