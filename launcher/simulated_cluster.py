@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo",
@@ -26,6 +27,11 @@ def simulated_cluster(nodes: list[dict], system_config: dict | None = None):
 
     os.environ.update(RAY_ENV)
     root = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # unix-socket paths must stay short
+    # Cluster writes the head's address to <RAY_TMPDIR>/ray/ray_current_cluster whatever the nodes' temp_dir;
+    # on a machine where Ray never ran that directory does not exist. Keep it inside this cluster's root.
+    previous_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = root
+    os.makedirs(os.path.join(root, "ray"), exist_ok=True)
     head = {"num_cpus": 0, "node_ip_address": "127.0.0.2", "include_dashboard": False,
             "object_store_memory": 80 * 1024 * 1024, "temp_dir": os.path.join(root, "head")}
     if system_config:
@@ -41,3 +47,8 @@ def simulated_cluster(nodes: list[dict], system_config: dict | None = None):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if previous_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous_tmpdir
+        shutil.rmtree(root, ignore_errors=True)
