@@ -266,7 +266,7 @@ def make_universal(store: CheckpointStore, name: str) -> None:
 def run_identity(config, model_dirs: dict) -> dict:
     """What a checkpoint must match to be resumed: the base models' weights and the run config."""
     from calm_dist.config import to_dict
-    from calm_dist.train.base_models import weights_checksum
+    from calm_dist.identity import weights_checksum
 
     return {"base_models": {side: {"path": str(path), "sha256": weights_checksum(path)}
                             for side, path in sorted(model_dirs.items())},

@@ -40,7 +40,8 @@ def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augme
                   verify: bool = True) -> CALMModel:
     """The composed model of an export; the base models come from the recorded paths unless given.
     With ``verify`` their weights must match the recorded sha256 (ValueError otherwise)."""
-    from calm_dist.train.base_models import load_pretrained, weights_checksum
+    from calm_dist.identity import weights_checksum
+    from calm_dist.train.base_models import load_pretrained
 
     path = Path(path)
     if not (path / INFO).is_file():

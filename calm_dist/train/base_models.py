@@ -1,7 +1,6 @@
 """Building, training and caching the two frozen base models (m_A and m_B)."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -12,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from calm_dist.config import BaseModelConfig, ModelConfig, to_dict
+from calm_dist.identity import weights_checksum  # noqa: F401  (re-exported for the job's callers)
 
 _ARCH_CONFIGS = {
     "llama": ("LlamaConfig", dict(hidden_size="hidden_size", num_hidden_layers="num_layers",
@@ -59,26 +59,6 @@ def load_pretrained(path: str | os.PathLike, role: str):
 def cache_key(base: BaseModelConfig, task_fingerprint: str, seed: int) -> str:
     blob = json.dumps({"base": to_dict(base), "data": task_fingerprint, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def weights_checksum(path: str | os.PathLike) -> str:
-    """sha256 over the saved weight files of a model directory (the identity checkpoints refer to).
-    Computed once per process for files of unchanged size and modification time."""
-    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
-    signature = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _checksum_of(signature)
-
-
-@functools.lru_cache(maxsize=64)
-def _checksum_of(signature: tuple) -> str:
-    digest = hashlib.sha256()
-    for name, _, _ in signature:
-        file = Path(name)
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_atomically(model, tokenizer, target: Path, extra: dict) -> None:
