@@ -263,14 +263,16 @@ def make_universal(store: CheckpointStore, name: str) -> None:
         store.put_dir(output, name, "universal")
 
 
-def run_identity(config, model_dirs: dict) -> dict:
-    """What a checkpoint must match to be resumed: the base models' weights and the run config."""
-    from calm_dist.config import to_dict
+def run_identity(base_models: dict[str, str], composition: dict, data_fingerprint: str, config: dict,
+                 tokenizer: str | None = None) -> dict:
+    """What a checkpoint must match to be resumed: the base models' weights (``{"anchor": dir, "augment":
+    dir, "augment_1": dir, ...}``), the resolved composition, the data and the global batch size. The full
+    config and the tokenizer's directory are recorded with it (for exports), not compared."""
     from calm_dist.identity import weights_checksum
 
     return {"base_models": {side: {"path": str(path), "sha256": weights_checksum(path)}
-                            for side, path in sorted(model_dirs.items())},
-            "config": to_dict(config)}
+                            for side, path in sorted(base_models.items())},
+            "composition": composition, "data": data_fingerprint, "config": config, "tokenizer": tokenizer}
 
 
 def check_resumable(meta: dict, identity: dict) -> None:
@@ -279,7 +281,7 @@ def check_resumable(meta: dict, identity: dict) -> None:
     then_sides, now_sides = sorted(meta["base_models"]), sorted(identity["base_models"])
     if then_sides != now_sides:
         raise ValueError(f"{where} was trained with the base models {then_sides}, this run has {now_sides} "
-                         "(extra_augments changed): resume with the same models, or start a new run (another "
+                         "(the augmenting models changed): resume with the same models, or start a new run (another "
                          "run.name or checkpoint.dir)")
     for side, now in identity["base_models"].items():
         then = meta["base_models"][side]
@@ -289,12 +291,11 @@ def check_resumable(meta: dict, identity: dict) -> None:
                 f"{side} model is now {now['path']} (sha256 {now['sha256'][:12]}…): its composition weights only fit "
                 "the models they were trained with. Restore those weights, or start a new run (another run.name "
                 "or checkpoint.dir).")
-    for section, key in (("train", "batch_size"), ("composition", "connections"), ("composition", "every_n"),
-                         ("run", "seed")):
-        _require_same(where, f"{section}.{key}", meta["config"][section][key], identity["config"][section][key])
-    then_extras, now_extras = meta["config"].get("extra_augments", []), identity["config"]["extra_augments"]
-    for index, (then, now) in enumerate(zip(then_extras, now_extras)):
-        _require_same(where, f"extra_augments[{index}].connections", then["connections"], now["connections"])
+    _require_same(where, "the composition (connections, relative_scale, run.seed)", meta["composition"],
+                  identity["composition"])
+    _require_same(where, "the data (data.* and the files they name)", meta["data"], identity["data"])
+    _require_same(where, "train.batch_size", meta["config"]["train"]["batch_size"],
+                  identity["config"]["train"]["batch_size"])
 
 
 def _require_same(where: str, key: str, then, now) -> None:
@@ -316,14 +317,13 @@ def find_resume_point(store: CheckpointStore, identity: dict, anchor_ranks: int)
     return ResumePoint(store.uri, name, meta["step"], meta["anchor_ranks"], meta["reader"], universal)
 
 
-def prepare_checkpointing(config, run_dir: Path, model_dirs: dict) -> tuple:
-    """(store, run identity, resume point) for a run with checkpoint.every_steps > 0, else Nones.
-    Raises ValueError, before any worker starts, when the latest checkpoint does not fit this run."""
-    if not config.checkpoint.every_steps:
-        return None, None, None
-    store = CheckpointStore(config.checkpoint.dir or str(Path(run_dir) / "checkpoints"))
-    identity = run_identity(config, model_dirs)
-    return store, identity, find_resume_point(store, identity, config.parallel.anchor_ranks)
+def prepare_checkpointing(checkpoint, run_dir: Path, identity: dict, anchor_ranks: int) -> tuple:
+    """(store, resume point) for a run with ``checkpoint.every_steps > 0`` (the config's checkpoint section),
+    else Nones. Raises ValueError, before any worker starts, when the latest checkpoint does not fit this run."""
+    if not checkpoint.every_steps:
+        return None, None
+    store = CheckpointStore(checkpoint.dir or str(Path(run_dir) / "checkpoints"))
+    return store, find_resume_point(store, identity, anchor_ranks)
 
 
 def consolidated_composition(store: CheckpointStore, name: str) -> dict[str, torch.Tensor]:

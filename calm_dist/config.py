@@ -1,6 +1,11 @@
 """One config tree: dataclasses loaded from YAML, with dotted ``key=value`` overrides.
 
-Unknown keys and values of the wrong type raise a ValueError naming the dotted key.
+Unknown keys and values of the wrong type raise a ValueError naming the dotted key. This module
+checks what a config can say about itself; what needs the disk (model directories, tokenizers,
+data files) is checked by ``calm_dist.train.preflight`` before any worker starts.
+
+A recipe (e.g. the KV-arithmetic reproduction) keeps its own settings under ``recipe:``, a mapping
+with a ``name``; the recipe checks the rest of that section with ``build_section``.
 """
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ import yaml
 
 @dataclass
 class RunConfig:
-    name: str = "kv_arithmetic"
+    name: str = "calm"
     output_dir: str = "runs"
-    cache_dir: str = ".cache/calm_dist"
+    cache_dir: str = ".cache/calm_dist"  # tokenised data (and a recipe's own files), keyed by fingerprint
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # ray: composition on Ray workers (a cluster, or an embedded local Ray); local: one process, no Ray
@@ -26,78 +31,58 @@ class RunConfig:
 
 
 @dataclass
-class DataConfig:
-    num_keys: int = 200
-    key_min_len: int = 2
-    key_max_len: int = 4
-    value_max: int = 20
-    min_operands: int = 2
-    max_operands: int = 3
-    heldin_fraction: float = 0.2
-    val_fraction: float = 0.0
-    base_train_examples: int = 60000  # per base-model task
-    composition_train_examples: int = 60000
-    # m_A's KV-Substitution data: probability that an operand is a number literal (which
-    # substitutes to itself), so m_A reads numbers and keys alike as values. Never arithmetic.
-    augment_number_operand_prob: float = 0.0
-    # Fraction of D_C that is plain Numeric-Arithmetic (0 = the paper's D_C, KV-Arithmetic only).
-    composition_numeric_fraction: float = 0.0
-    eval_examples: int = 400  # per evaluation set
+class ModelSource:
+    path: str = ""  # a directory written by save_pretrained (a recipe may fill it in)
+    tokenizer: str | None = None  # the model's tokenizer directory; null = the model's own directory
 
 
 @dataclass
-class ModelConfig:
-    path: str | None = None  # a saved HF model to load instead of training one from scratch
-    arch: str = "llama"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
+class AnchorConfig:
+    model: ModelSource = field(default_factory=ModelSource)
 
 
 @dataclass
-class OptimConfig:
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+class AugmentConfig:
+    """One augmenting model. ``augment:`` in YAML is one such mapping or a list of them."""
 
-
-@dataclass
-class BaseModelConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: OptimConfig = field(default_factory=OptimConfig)
-    # After pretraining, set the input embedding of every token absent from the model's training data
-    # to zero: tokens the model never read are indistinguishable to it (random untrained embeddings
-    # are not, and a composition can memorise them). See docs/investigation.md, rows 13-16.
-    zero_unseen_embeddings: bool = False
+    model: ModelSource = field(default_factory=ModelSource)
+    every_n: int | None = None  # null: composition.every_n / composition.connections
+    connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]
+    stages: int | None = None  # its augment pipeline stages; null: parallel.augment_stages
 
 
 @dataclass
 class CompositionConfig:
-    every_n: int | None = None
-    connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]
+    every_n: int | None = None  # the default of every augmenting model (null and no connections: 4)
+    connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]; 0-based, anchor -1 = embeddings
     relative_scale: bool = False  # bridge output scaled by the anchor's per-token RMS (see README)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a .jsonl/.json/.parquet/.arrow/.csv file, a glob, or a directory written by save_to_disk
+    eval: str | dict[str, str] | None = None  # one evaluation set, or {name: path}; null: eval_fraction of train
+    eval_fraction: float = 0.05  # held out of train (seeded by run.seed) when data.eval is not given
+    columns: dict[str, str] = field(default_factory=dict)  # renames, e.g. {instruction: prompt, output: completion}
+    max_length: int = 512  # tokens per row, special tokens included
+    overlong: str = "drop"  # rows over max_length: drop, or truncate (rows left with no labelled token are dropped)
+    num_proc: int = 0  # processes that tokenise; 0 = one per 50,000 rows, at most the CPU count
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64  # global: rows per optimizer step over all anchor ranks
+    lr: float = 1e-4
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 0  # 0 = evaluate at the end only
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256
-    max_new_tokens: int = 8
+    every_steps: int = 0  # 0 = at step 0 (the anchor alone) and at the end only
+    batch_size: int = 32  # rows per anchor rank and forward
 
 
 @dataclass
@@ -111,7 +96,7 @@ class CheckpointConfig:
 @dataclass
 class ParallelConfig:
     anchor_ranks: int = 1
-    augment_stages: int = 1
+    augment_stages: int = 1  # per augmenting model without its own augment[i].stages
     min_anchor_ranks: int = 1
     backend: str = "auto"  # auto = nccl with CUDA, else gloo
     wire_dtype: str = "float32"  # dtype of activations on the wire: float32 or bfloat16
@@ -147,45 +132,24 @@ class RayConfig:
 
 
 @dataclass
-class ExtraAugmentConfig:
-    """A further augmenting model for the distributed runtime, beside the ``augment`` section's."""
-
-    path: str = ""  # a saved HF model (save_pretrained) that uses the task's tokenizer
-    connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]; null = every 4th layer
-    stages: int = 1  # its augment pipeline stages (ranks)
-
-
-@dataclass
-class BaselinesConfig:
-    # The paper's baselines, each an extra row of the results, trained on D_C with the composition's
-    # budget (train.*) in the driver process after the composition.
-    lora: bool = False  # LoRA on the anchor with as many trainable parameters as the composition
-    random_augment: bool = False  # CALM whose m_A is untrained (m_A's architecture and initial weights)
-    vanilla_augment: bool = False  # CALM whose m_A is trained on Numeric-Arithmetic instead of the keys
-    two_augments: bool = False  # CALM over two m_As (m_A's architecture), each knowing half of the keys
-    different_tokenizer: bool = False  # CALM whose m_A reads characters while the anchor reads words
-    lora_target_modules: list[str] | None = None  # None = every linear layer of the anchor but the LM head
-    lora_alpha_per_rank: float = 2.0  # lora_alpha = this x the rank that matches the parameter count
-
-
-@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: BaseModelConfig = field(default_factory=BaseModelConfig)
-    anchor: BaseModelConfig = field(default_factory=BaseModelConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    augment: list[AugmentConfig] = field(default_factory=lambda: [AugmentConfig()])
     composition: CompositionConfig = field(default_factory=CompositionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
-    extra_augments: list[ExtraAugmentConfig] = field(default_factory=list)
+    recipe: dict[str, Any] | None = None  # {name: <recipe>, ...its own keys}; see calm_dist.recipes
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    if annotation is Any:
+        return value
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -210,7 +174,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         (item_type,) = typing.get_args(annotation)
         return [_check_value(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, f"{key}.")
+        return build_section(annotation, value, f"{key}.")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -227,21 +191,47 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     raise ValueError(f"config key '{key}': unsupported type {annotation}")
 
 
-def _build(cls, data: dict, prefix: str):
+# Keys of configs written before the generic job, with what replaces them.
+_MOVED = {
+    "extra_augments": "list every augmenting model under 'augment:' instead, e.g. augment: [{model: {path: "
+                      "/models/a1}}, {model: {path: /models/a2}, connections: [[2, 0]], stages: 2}]",
+    "baselines": "the KV-arithmetic baselines are the recipe's: move them under recipe: {name: kv_arithmetic, "
+                 "baselines: {...}}",
+    "train.eval_every": "use eval.every_steps",
+    "train.log_every": "progress is shown every step; remove the key",
+    "eval.max_new_tokens": "evaluation is teacher-forced (no generation); a recipe that generates sets its own",
+}
+_KV_DATA_KEYS = {"num_keys", "key_min_len", "key_max_len", "value_max", "min_operands", "max_operands",
+                 "heldin_fraction", "val_fraction", "base_train_examples", "composition_train_examples",
+                 "augment_number_operand_prob", "composition_numeric_fraction", "eval_examples"}
+
+
+def _unknown_key_message(prefix: str, key: str, names: set[str]) -> str:
+    dotted = f"{prefix}{key}"
+    hint = _MOVED.get(dotted)
+    if hint is None and prefix == "data." and key in _KV_DATA_KEYS:
+        hint = ("that is a KV-arithmetic setting: it belongs to the recipe, under recipe: {name: kv_arithmetic, "
+                "data: {...}} (see configs/kv_arithmetic.yaml)")
+    if hint is None and prefix in ("anchor.", "augment[0].", "augment.") and key in ("pretrain", "zero_unseen_embeddings"):
+        hint = "base-model pretraining is the KV-arithmetic recipe's: move it under recipe: {anchor: {...}}"
+    text = f"unknown config key '{dotted}' (known under '{prefix or '<root>'}': {sorted(names)})"
+    return f"{text}; {hint}" if hint else text
+
+
+def build_section(cls, data: dict, prefix: str):
+    """An instance of the dataclass ``cls`` from a mapping, every key checked; errors name ``prefix + key``."""
     if not isinstance(data, dict):
         raise ValueError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ValueError(
-                f"unknown config key '{prefix}{key}' (known under '{prefix or '<root>'}': {sorted(names)})"
-            )
+            raise ValueError(_unknown_key_message(prefix, key, names))
     values = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, f"{prefix}{name}.")
+            values[name] = build_section(hint, value, f"{prefix}{name}.")
         else:
             values[name] = _check_value(f"{prefix}{name}", value, hint)
     return cls(**values)
@@ -250,12 +240,24 @@ def _build(cls, data: dict, prefix: str):
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
-    for part in parts[:-1]:
+    for index, part in enumerate(parts[:-1]):
+        if part == "augment" and index + 1 < len(parts):
+            node = _first_augment(node)  # augment.model.path = the first (or only) augmenting model's
+            continue
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ValueError(f"config key '{dotted}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _first_augment(tree: dict) -> dict:
+    augment = tree.setdefault("augment", {})
+    if isinstance(augment, list):
+        if not augment:
+            augment.append({})
+        return augment[0]
+    return augment
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -273,10 +275,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: a config file is a mapping of sections, got {type(tree).__name__}")
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(tree, key, value)
-    config = _build(Config, tree, "")
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict) -> Config:
+    tree = dict(tree)
+    if isinstance(tree.get("augment"), dict):
+        tree["augment"] = [tree["augment"]]
+    config = build_section(Config, tree, "")
     validate(config)
     return config
 
@@ -285,18 +296,14 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
-
 _POSITIVE = (
-    "data.num_keys", "data.key_min_len", "data.value_max", "data.min_operands",
-    "data.base_train_examples", "data.composition_train_examples", "data.eval_examples",
-    "train.max_steps", "train.batch_size", "train.log_every", "eval.batch_size", "eval.max_new_tokens",
-    "checkpoint.keep", "parallel.anchor_ranks", "parallel.augment_stages", "parallel.min_anchor_ranks",
-    "parallel.pipeline_depth", "parallel.timeout_s",
+    "train.max_steps", "train.batch_size", "eval.batch_size", "data.max_length", "checkpoint.keep",
+    "parallel.anchor_ranks", "parallel.augment_stages", "parallel.min_anchor_ranks", "parallel.pipeline_depth",
+    "parallel.timeout_s",
 )
 _NON_NEGATIVE = (
-    "run.seed", "run.threads", "train.warmup_steps", "train.eval_every", "checkpoint.every_steps",
-    "train.weight_decay", "train.grad_clip", "deepspeed.param_persistence_threshold",
+    "run.seed", "run.threads", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps",
+    "train.weight_decay", "train.grad_clip", "data.num_proc", "deepspeed.param_persistence_threshold",
     "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "ray.max_failures",
 )
 
@@ -313,26 +320,16 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ValueError(f"config key '{key}': {message}")
 
 
-def _validate_base(config: BaseModelConfig, side: str) -> None:
-    model, optim = config.model, config.pretrain
-    _require(model.arch in SUPPORTED_ARCHS, f"{side}.model.arch", f"{model.arch!r} is not one of {SUPPORTED_ARCHS}")
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-        _require(getattr(model, name) > 0, f"{side}.model.{name}", "must be > 0")
-    _require(model.hidden_size % model.num_heads == 0, f"{side}.model.hidden_size",
-             f"{model.hidden_size} must be divisible by num_heads={model.num_heads}")
-    for name in ("steps", "batch_size"):
-        _require(getattr(optim, name) > 0, f"{side}.pretrain.{name}", "must be > 0")
-    _require(optim.lr > 0, f"{side}.pretrain.lr", "must be > 0")
+def _validate_pairs(pairs: list[list[int]] | None, key: str) -> None:
+    for index, pair in enumerate(pairs or []):
+        _require(len(pair) == 2, f"{key}[{index}]", "expected [augment_layer, anchor_layer]")
 
 
-def _validate_baselines(config: Config) -> None:
-    baselines = config.baselines
-    _require(baselines.lora_alpha_per_rank > 0, "baselines.lora_alpha_per_rank", "must be > 0")
-    _require(baselines.lora_target_modules is None or len(baselines.lora_target_modules) > 0,
-             "baselines.lora_target_modules", "must name at least one module, or be null (every linear layer)")
-    for flag in ("random_augment", "vanilla_augment", "two_augments", "different_tokenizer"):
-        _require(not (getattr(baselines, flag) and config.augment.model.path), f"baselines.{flag}",
-                 "needs an m_A the job builds from augment.model (unset augment.model.path)")
+def _validate_connection_choice(every_n, connections, key: str) -> None:
+    _require(every_n is None or connections is None, f"{key}.connections",
+             f"set either {key}.every_n or {key}.connections, not both")
+    _require(every_n is None or every_n >= 1, f"{key}.every_n", f"must be >= 1, got {every_n}")
+    _validate_pairs(connections, f"{key}.connections")
 
 
 def validate(config: Config) -> None:
@@ -341,40 +338,45 @@ def validate(config: Config) -> None:
         _require(_get(config, key) > 0, key, f"must be > 0, got {_get(config, key)}")
     for key in _NON_NEGATIVE:
         _require(_get(config, key) >= 0, key, f"must be >= 0, got {_get(config, key)}")
-    data = config.data
-    _require(data.key_max_len >= data.key_min_len, "data.key_max_len", "must be >= data.key_min_len")
-    _require(data.max_operands >= data.min_operands, "data.max_operands", "must be >= data.min_operands")
-    _require(0 < data.heldin_fraction < 1, "data.heldin_fraction", "must be in (0, 1)")
-    _require(0 <= data.val_fraction < 1 - data.heldin_fraction, "data.val_fraction",
-             "must be in [0, 1 - heldin_fraction)")
-    _require(0 <= data.augment_number_operand_prob <= 1, "data.augment_number_operand_prob", "must be in [0, 1]")
-    _require(0 <= data.composition_numeric_fraction < 1, "data.composition_numeric_fraction", "must be in [0, 1)")
     _require(config.train.lr > 0, "train.lr", "must be > 0")
+    data = config.data
+    _require(data.overlong in ("drop", "truncate"), "data.overlong", f"must be drop or truncate, got {data.overlong!r}")
+    if data.eval is None:
+        _require(0 < data.eval_fraction < 1, "data.eval_fraction",
+                 f"must be in (0, 1) when data.eval is not given, got {data.eval_fraction}")
+    if isinstance(data.eval, dict):
+        _require(len(data.eval) > 0, "data.eval", "give at least one {name: path} entry, or a single path")
     _require(config.parallel.min_anchor_ranks <= config.parallel.anchor_ranks, "parallel.min_anchor_ranks",
              "must be <= parallel.anchor_ranks")
     _require(config.parallel.backend in ("auto", "gloo", "nccl"), "parallel.backend", "must be auto, gloo or nccl")
     _require(config.parallel.wire_dtype in ("float32", "bfloat16"), "parallel.wire_dtype",
              "must be float32 or bfloat16")
+    _require(config.train.batch_size % config.parallel.anchor_ranks == 0, "train.batch_size",
+             f"{config.train.batch_size} must be divisible by parallel.anchor_ranks={config.parallel.anchor_ranks} "
+             "(each anchor rank takes an equal micro-batch)")
     _require(config.run.launcher in ("ray", "local"), "run.launcher", "must be ray or local")
     _require(config.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
              "ray.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     _require(config.ray.cpus_per_worker >= 0 and config.ray.gpus_per_worker >= 0, "ray.cpus_per_worker",
              "resources per worker must be >= 0")
     composition = config.composition
-    _require(composition.every_n is None or composition.connections is None, "composition.connections",
-             "set either composition.every_n or composition.connections, not both")
-    if composition.connections is not None:
-        for index, pair in enumerate(composition.connections):
-            _require(len(pair) == 2, f"composition.connections[{index}]", "expected [augment_layer, anchor_layer]")
-    for side in ("augment", "anchor"):
-        _validate_base(getattr(config, side), side)
-    _validate_baselines(config)
-    for index, extra in enumerate(config.extra_augments):
-        _validate_extra_augment(extra, f"extra_augments[{index}]")
+    _validate_connection_choice(composition.every_n, composition.connections, "composition")
+    _require(len(config.augment) >= 1, "augment", "give at least one augmenting model")
+    for index, augment in enumerate(config.augment):
+        key = f"augment[{index}]"
+        _validate_connection_choice(augment.every_n, augment.connections, key)
+        _require(augment.stages is None or augment.stages >= 1, f"{key}.stages", f"must be >= 1, got {augment.stages}")
+    if config.recipe is not None:
+        _require(isinstance(config.recipe.get("name"), str) and bool(config.recipe.get("name")), "recipe.name",
+                 "name the recipe, e.g. recipe: {name: kv_arithmetic, ...}")
 
 
-def _validate_extra_augment(extra: ExtraAugmentConfig, key: str) -> None:
-    _require(bool(extra.path), f"{key}.path", "must name a saved Hugging Face model directory")
-    _require(extra.stages >= 1, f"{key}.stages", f"must be >= 1, got {extra.stages}")
-    for index, pair in enumerate(extra.connections or []):
-        _require(len(pair) == 2, f"{key}.connections[{index}]", "expected [augment_layer, anchor_layer]")
+def augment_stages(config: Config, index: int) -> int:
+    """Pipeline stages of augmenting model ``index``."""
+    own = config.augment[index].stages
+    return own if own is not None else config.parallel.augment_stages
+
+
+def stages_key(config: Config, index: int) -> str:
+    """The config key that sets augmenting model ``index``'s stage count (for error messages)."""
+    return f"augment[{index}].stages" if config.augment[index].stages is not None else "parallel.augment_stages"

@@ -1,69 +1,25 @@
-"""Synthetic KV-arithmetic data: tasks, tokenizer, Arrow shards + manifest, sharded reader."""
+"""Your data to batches: loading (``datasets``), tokenising with offsets, caching, rank-sharded readers,
+and the order in which a run consumes them. Knows no model, task or tokenizer of its own."""
 
-from .reader import ShardedReader, collate_prompts, collate_rows, epoch_order, pad_batch
-from .shards import (
-    IGNORE_INDEX,
-    SCHEMA_VERSION,
-    load_manifest,
-    load_split,
-    tokenize_examples,
-    validate_rows,
-    write_dataset,
+from .formats import ACCEPTED_COLUMNS, RowFormat, detect_format
+from .prepare import (
+    DataSource,
+    DataSpec,
+    PreparedData,
+    SplitSummary,
+    load_prepared,
+    load_rows,
+    pad_id_of,
+    prepare_data,
+    tokenizer_fingerprint,
 )
-from .tasks import (
-    TASKS,
-    KeySplit,
-    evaluate,
-    expression_space_size,
-    format_example,
-    make_examples,
-    make_keys,
-    make_mixed_substitution,
-    make_train_eval,
-    number_token_range,
-    split_keys,
-)
-from .tokenizer import (
-    SPECIAL_TOKENS,
-    build_tokenizer,
-    build_vocab,
-    encode_many,
-    encode_words,
-    load_tokenizer,
-    save_tokenizer,
-    tokenizer_hash,
-)
+from .reader import EvalBatches, ShardedReader, TokenisedRows, collate_prompts, collate_rows, epoch_order, pad_batch
+from .schedule import EVAL, TRAIN, Unit, evaluates_at, run_units, step_ends_after
+from .tokenize import IGNORE_INDEX, TokenizeSettings, encode_rows
 
 __all__ = [
-    "IGNORE_INDEX",
-    "SCHEMA_VERSION",
-    "SPECIAL_TOKENS",
-    "TASKS",
-    "KeySplit",
-    "ShardedReader",
-    "build_tokenizer",
-    "build_vocab",
-    "collate_prompts",
-    "collate_rows",
-    "encode_many",
-    "encode_words",
-    "epoch_order",
-    "evaluate",
-    "expression_space_size",
-    "format_example",
-    "load_manifest",
-    "load_split",
-    "load_tokenizer",
-    "make_examples",
-    "make_keys",
-    "make_mixed_substitution",
-    "make_train_eval",
-    "number_token_range",
-    "pad_batch",
-    "save_tokenizer",
-    "split_keys",
-    "tokenize_examples",
-    "tokenizer_hash",
-    "validate_rows",
-    "write_dataset",
+    "ACCEPTED_COLUMNS", "DataSource", "DataSpec", "EVAL", "EvalBatches", "IGNORE_INDEX", "PreparedData", "RowFormat",
+    "ShardedReader", "SplitSummary", "TRAIN", "TokenisedRows", "TokenizeSettings", "Unit", "collate_prompts",
+    "collate_rows", "detect_format", "encode_rows", "epoch_order", "evaluates_at", "load_prepared", "load_rows",
+    "pad_batch", "pad_id_of", "prepare_data", "run_units", "step_ends_after", "tokenizer_fingerprint",
 ]

@@ -1,16 +1,22 @@
-"""Deterministic, rank-sharded, resumable batches over a tokenised split."""
+"""Deterministic, rank-sharded, resumable batches over a tokenised dataset directory.
+
+Kept instead of a ``DataLoader`` + ``DistributedSampler``: every role of a distributed run (anchor
+ranks and the augment stages that feed them) must read exactly the same rows in the same order, and an
+elastic restart must resume mid-epoch at another rank count from a small JSON state.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .shards import IGNORE_INDEX, load_split
-
+IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
 
 
@@ -63,6 +69,34 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> n
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+class TokenisedRows:
+    """Random access to the ``input_ids`` and ``labels`` of a tokenised dataset (memory-mapped Arrow)."""
+
+    def __init__(self, source):
+        import datasets
+
+        dataset = source if isinstance(source, datasets.Dataset) else datasets.load_from_disk(str(source))
+        missing = {"input_ids", "labels"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"{source}: not a tokenised dataset (no {sorted(missing)} columns); "
+                             "make one with data_pipeline.prepare_data")
+        self.table: pa.Table = dataset.data.table.select(["input_ids", "labels"])
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, rows: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        chosen = self.table.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        columns = []
+        for name in ("input_ids", "labels"):
+            column = chosen.column(name).combine_chunks()
+            lengths = pc.list_value_length(column).to_numpy()
+            flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            starts = np.concatenate([[0], np.cumsum(lengths)])
+            columns.append([flat[starts[i]:starts[i + 1]] for i in range(len(lengths))])
+        return columns[0], columns[1]
+
+
 def _check_reader_args(batch_size, rank, world_size, seed, epochs) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,7 +111,7 @@ def _check_reader_args(batch_size, rank, world_size, seed, epochs) -> None:
 
 
 class ShardedReader:
-    """Batches of one split for one rank; an iterator whose position is its state.
+    """Batches of one tokenised dataset for one rank; an iterator whose position is its state.
 
     Epoch ``e`` visits the rows in ``epoch_order(num_rows, seed, e, shuffle)``; its global
     batches are consecutive chunks of ``batch_size * world_size`` rows and rank ``r`` takes
@@ -90,8 +124,7 @@ class ShardedReader:
 
     def __init__(
         self,
-        dataset_dir: str | os.PathLike,
-        split: str,
+        dataset,
         batch_size: int,
         *,
         rank: int = 0,
@@ -102,28 +135,18 @@ class ShardedReader:
         pad_id: int = 0,
         drop_last: bool = True,
         epochs: int | None = None,
-        expected_tokenizer_hash: str | None = None,
-        vocab_size: int | None = None,
     ):
         _check_reader_args(batch_size, rank, world_size, seed, epochs)
         _check_padding_side(padding_side)
-        table, self.manifest = load_split(
-            dataset_dir, split, expected_tokenizer_hash=expected_tokenizer_hash,
-            vocab_size=vocab_size,
-        )
-        self.split, self.batch_size = split, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rows = dataset if isinstance(dataset, TokenisedRows) else TokenisedRows(dataset)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.epochs = seed, shuffle, drop_last, epochs
         self.padding_side, self.pad_id = padding_side, pad_id
-        self.num_rows = table.num_rows
-        lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
-        self._offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self._ids = pc.list_flatten(table.column("input_ids")).to_numpy()
-        self._labels = pc.list_flatten(table.column("labels")).to_numpy()
+        self.num_rows = len(self.rows)
         if drop_last and self.num_rows < self.global_batch_size:
             raise ValueError(
-                f"split {split!r} has {self.num_rows} rows, fewer than batch_size * "
-                f"world_size = {self.global_batch_size}; lower batch_size or pass drop_last=False"
+                f"the dataset has {self.num_rows} rows, fewer than batch_size * world_size = "
+                f"{self.global_batch_size}; lower the batch size or add rows"
             )
         self._epoch, self._batch = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -154,12 +177,8 @@ class ShardedReader:
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
-        return collate_rows(
-            [self._ids[self._offsets[i] : self._offsets[i + 1]] for i in rows],
-            [self._labels[self._offsets[i] : self._offsets[i + 1]] for i in rows],
-            self.pad_id,
-            self.padding_side,
-        )
+        ids, labels = self.rows.take(rows)
+        return collate_rows(ids, labels, self.pad_id, self.padding_side)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -184,7 +203,6 @@ class ShardedReader:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "num_rows": self.num_rows,
-            "split": self.split,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "global_batch_size": self.global_batch_size,
@@ -220,3 +238,30 @@ class ShardedReader:
         if batch == self.batches_per_epoch:
             epoch, batch = epoch + 1, 0
         self._epoch, self._batch = epoch, batch
+
+
+class EvalBatches:
+    """One rank's share of an evaluation set, in order: global batch ``i`` holds rows
+    ``i * G .. (i + 1) * G - 1`` (G = ``batch_size * world_size``) and rank ``r`` the ``r``-th slice. Every
+    rank gets the same number of batches (ZeRO-3 ranks must run every forward together): a rank whose
+    slice is empty gets one padding row, which ``row_weight`` (0) leaves out of every statistic."""
+
+    def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, pad_id: int = 0):
+        _check_reader_args(batch_size, rank, world_size, 0, None)
+        self.rows = dataset if isinstance(dataset, TokenisedRows) else TokenisedRows(dataset)
+        self.batch_size, self.rank, self.world_size, self.pad_id = batch_size, rank, world_size, pad_id
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / (self.batch_size * self.world_size))
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"evaluation batch {index} of {len(self)}")
+        start = index * self.batch_size * self.world_size + self.rank * self.batch_size
+        rows = list(range(start, min(start + self.batch_size, len(self.rows))))
+        ids, labels = self.rows.take(rows or [0])
+        if not rows:
+            labels = [np.full_like(labels[0], IGNORE_INDEX)]
+        batch = collate_rows(ids, labels, self.pad_id)
+        batch["row_weight"] = torch.full((len(ids),), 1 if rows else 0, dtype=torch.long)
+        return batch

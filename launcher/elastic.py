@@ -15,8 +15,8 @@ import dataclasses
 import time
 
 from calm_dist.checkpoint import CheckpointStore, find_resume_point
-from calm_dist.distributed.anchor_worker import CheckpointReport
 from calm_dist.config import Config
+from calm_dist.reports import CheckpointReport
 from launcher.ray_driver import Restart, WorkerLost
 
 
@@ -84,7 +84,7 @@ def _full_plan_fits(config: Config) -> bool:
         return False
 
 
-def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None, identity: dict | None) -> dict:
+def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None) -> dict:
     """Runs the composition on Ray until it completes, restarting after failures; returns rank 0's result."""
     import ray
 
@@ -96,19 +96,20 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None, i
     while True:
         ranks, group = _place_or_give_up(config, failures, store)
         try:
-            point = find_resume_point(store, identity, ranks) if store is not None else None
+            point = find_resume_point(store, inputs.checkpoint_meta, ranks) if store is not None else None
         except BaseException:
             remove_placement_group(group)
             raise
         if restarts:
             restarts[-1].update(resumed_step=point.step if point else 0, anchor_ranks=ranks)
         if restarts or point is not None:  # records after the point of restart are replaced
-            logger.rewind(point.step if point else 0)
+            resumed = point.step if point else 0
+            logger.rewind(resumed, evaluates_again=resumed == 0 or resumed >= config.train.max_steps)
         if point is not None:
             logger.note(f"resuming from checkpoint {point.name} (step {point.step}, written by {point.saved_ranks} "
                         f"anchor ranks) on {ranks} anchor ranks")
         run_config = sized(config, ranks)
-        run_inputs = dataclasses.replace(inputs, config=run_config, resume=point)
+        run_inputs = dataclasses.replace(inputs.with_anchor_ranks(ranks), resume=point)
         watch = _grow_back_watch(config, ranks, logger)
         try:
             return {**run_composition_on_ray(run_config, run_inputs, watch, group), "restarts": restarts}

@@ -16,7 +16,6 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from calm_dist.config import Config
-from calm_dist.train.augmenting_models import planned_world_size
 
 
 def role_bundles(config: Config) -> list[dict[str, float]]:
@@ -26,14 +25,17 @@ def role_bundles(config: Config) -> list[dict[str, float]]:
         base["GPU"] = config.ray.gpus_per_worker
     anchor = {**base, **config.ray.anchor_resources}
     augment = {**base, **config.ray.augment_resources}
-    augment_stages = planned_world_size(config) - config.parallel.anchor_ranks
+    from launcher.runtime import world_size
+
+    augment_stages = world_size(config) - config.parallel.anchor_ranks
     return [dict(anchor) for _ in range(config.parallel.anchor_ranks)] + [dict(augment) for _ in range(augment_stages)]
 
 
 def _plan_in_words(config: Config) -> str:
-    extra = "".join(f" + extra_augments[{i}].stages={e.stages}" for i, e in enumerate(config.extra_augments))
-    return (f"parallel.anchor_ranks={config.parallel.anchor_ranks} + "
-            f"parallel.augment_stages={config.parallel.augment_stages}{extra}")
+    from calm_dist.config import augment_stages, stages_key
+
+    stages = " + ".join(f"{stages_key(config, i)}={augment_stages(config, i)}" for i in range(len(config.augment)))
+    return f"parallel.anchor_ranks={config.parallel.anchor_ranks} + {stages}"
 
 
 def missing_resources(bundles: list[dict[str, float]], nodes: list[dict[str, float]], strategy: str) -> list[str]:
@@ -103,21 +105,25 @@ class RankWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), port
 
     def run(self, inputs, rank: int, world_size: int, master: tuple[str, int], reports=None) -> dict:
+        from calm_dist.distributed.accelerator import choose_deepspeed_accelerator
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        choose_deepspeed_accelerator()
         import torch
 
         from calm_dist.distributed.groups import env_store
         from calm_dist.distributed.worker import run_worker
-        from calm_dist.train.distributed_job import consolidated_bridges
+        from calm_dist.distributed.zero_anchor import gathered_composition_state
+        from calm_dist.quiet import quiet_libraries
 
-        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+        quiet_libraries()
         torch.set_num_threads(max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        store, _, _ = env_store(inputs.config.parallel.timeout_s)
-        on_step = (lambda report: reports.put((type(report).__name__, report.__dict__))) if reports is not None else None
-        result = run_worker(inputs, rank, world_size, store, on_step=on_step)
+        store, _, _ = env_store(inputs.parallel.timeout_s)
+        result = run_worker(inputs, rank, world_size, store, on_report=reports.put if reports is not None else None)
         if "model" not in result:
             return {"role": result["role"]}
-        bridges = consolidated_bridges(result["model"])
+        bridges = gathered_composition_state(result["model"])
         return {"role": result["role"], "losses": result["losses"], "bridges": bridges if rank == 0 else None}
 
 

@@ -37,13 +37,10 @@ class Restart(Exception):
 
 
 def _drain(queue, logger) -> None:
-    from calm_dist.distributed.anchor_worker import CheckpointReport, StepReport
-
-    kinds = {"StepReport": StepReport, "CheckpointReport": CheckpointReport}
     restart = None
-    for kind, fields in queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []:
+    for report in queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []:
         try:
-            logger(kinds[kind](**fields))
+            logger(report)
         except Restart as request:  # every report of the batch is logged first
             restart = request
     if restart is not None:
@@ -106,12 +103,11 @@ def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
     from ray.util.queue import Queue
 
     from calm_dist.distributed.worker import plan
-    from calm_dist.train.augmenting_models import planned_world_size
     from launcher.ray_cluster import start_workers
 
     queue = None
     try:
-        topology, _, _ = plan(inputs, planned_world_size(config))
+        topology, _ = plan(inputs)
         names = [topology.role_of(rank).name for rank in range(topology.world_size)]
         actors = start_workers(config, group, names)
         _, master_ip, master_port = ray.get(actors[0].node_address.remote())
@@ -130,34 +126,32 @@ def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
 
 
 def run_ray_job(config: Config) -> Path:
-    """The job through Ray: data and base models in the driver, composition on Ray workers."""
-    from calm_dist.checkpoint import consolidated_composition, prepare_checkpointing
-    from calm_dist.distributed.worker import RunInputs
-    from calm_dist.train.distributed_job import StepLogger, evaluate_on_rank_zero, prepare_models_and_data
-    from calm_dist.train.job import Timer
-    from calm_dist.train.report import loss_curve
+    """The job through Ray: checks and data in the driver, composition and evaluation on Ray workers."""
+    from calm_dist.train.job import Timer, open_run_dir, prepare_job, write_results
     from launcher.elastic import run_elastic
+    from launcher.ray_cluster import check_feasible
+    from launcher.reporting import StepLogger
+    from launcher.runtime import prepare_runtime
 
     embedded = connect(config)
     timer = Timer()
-    run_dir, task_data, model_dirs = prepare_models_and_data(config, timer)
-    store, identity, point = prepare_checkpointing(config, run_dir, model_dirs)
-    inputs = RunInputs(config, task_data, model_dirs, run_dir, store.uri if store else None, identity)
-    extra = {"placement": {"embedded": embedded}}
-    if point is not None and point.step >= config.train.max_steps:
-        print(f"checkpoint {point.name} is at train.max_steps={config.train.max_steps}: evaluating it", flush=True)
-        bridges = consolidated_composition(store, point.name)
-    else:
-        logger = StepLogger(run_dir, config.train.max_steps)
-        try:
-            outcome = run_elastic(config, inputs, logger, store, identity)
-        finally:
-            logger.close()
-        bridges = outcome["result"]["bridges"]
-        nodes = [node_id for node_id, _, _ in outcome["placement"]]
-        print(f"placement ({'embedded local Ray' if embedded else 'cluster'}): "
-              + ", ".join(f"rank {rank} on node {node[:8]}" for rank, node in enumerate(nodes)), flush=True)
-        extra["placement"]["nodes_by_rank"] = nodes
-        extra["restarts"] = outcome["restarts"]
+    job = prepare_job(config)
+    inputs, store = prepare_runtime(job)
+    check_feasible(config)
+    run_dir = open_run_dir(job)
+    timer.mark("data")
+    extra = {"launcher": "ray", "placement": {"embedded": embedded}}
+    logger = StepLogger(run_dir, config.train.max_steps)
+    try:
+        outcome = run_elastic(config, inputs, logger, store)
+    finally:
+        logger.close()
+    nodes = [node_id for node_id, _, _ in outcome["placement"]]
+    print(f"placement ({'embedded local Ray' if embedded else 'cluster'}): "
+          + ", ".join(f"rank {rank} on node {node[:8]}" for rank, node in enumerate(nodes)), flush=True)
+    extra["placement"]["nodes_by_rank"] = nodes
+    extra["restarts"] = outcome["restarts"]
     timer.mark("composition")
-    return evaluate_on_rank_zero(inputs, bridges, loss_curve(run_dir), timer, extra)
+    results = write_results(job, outcome["result"]["bridges"], timer, extra)
+    print(results.table(), flush=True)
+    return run_dir

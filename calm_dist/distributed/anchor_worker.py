@@ -1,119 +1,122 @@
-"""The training loop of one anchor rank: receive taps ahead, step the ZeRO-3 engine, report."""
+"""The loop of one anchor rank: receive taps one unit ahead, train or evaluate through the ZeRO-3 engine,
+report, checkpoint."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
+import data_pipeline as dp
 from calm_dist.distributed.groups import Groups
-from calm_dist.distributed.transport import ActivationReceiver, tag_of
-from calm_dist.model.loss import per_token_loss
+from calm_dist.distributed.transport import ActivationReceiver, sequence_of, tag_of
+from calm_dist.reports import CheckpointReport, EvalReport, EvalTotals, StepReport
+
+Report = Callable[[StepReport | EvalReport | CheckpointReport], None]
 
 
-@dataclass
-class StepReport:
-    step: int
-    loss: float
-    lr: float
-    tokens: int
-    step_s: float
-    wait_s: float
-    bytes_received: int
-    finished_at: float = 0.0  # wall clock (time.time()) on the worker when the step was done
-    anchor_ranks: int = 1
-
-
-def global_token_loss(logits, labels, attention_mask, world: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(loss to backpropagate, this rank's summed token loss, global token count).
-
-    Each rank's loss is its token-loss sum over the *global* token count, times the anchor world
-    size (DeepSpeed averages gradients over ranks), so gradients equal the single-process mean.
-    """
-    losses, valid = per_token_loss(logits, labels, attention_mask)
-    local_sum = (losses * valid).sum()
-    count = valid.sum().to(torch.float64)
-    if world > 1:
-        dist.all_reduce(count)
-    total = int(count.item())
-    return local_sum * world / max(total, 1), local_sum.detach(), total
-
-
-@dataclass
-class CheckpointReport:
-    """Sent after the step's own report, once the checkpoint of ``step`` is published (anchor rank 0)."""
-
-    step: int
-    name: str
-    seconds: float  # writing and publishing, all ranks
-    finished_at: float
+def _all_reduce_sum(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 class AnchorWorker:
-    """``after_step(step, reader_position)`` runs on every anchor rank after each optimizer step (the
+    """``after_step(step, reader_position)`` runs on every anchor rank after each step's last unit (the
     checkpointer); ``reader_position`` is the reader state whose next batch is step ``step + 1``'s."""
 
-    def __init__(self, engine, groups: Groups, reader, receiver: ActivationReceiver, augment_hiddens: Sequence[int],
+    def __init__(self, engine, groups: Groups, source, receiver: ActivationReceiver, augment_hiddens: Sequence[int],
                  after_step: Callable[[int, dict], str | None] | None = None):
-        """``augment_hiddens``: the hidden size of each augmenting model, in model order."""
-        self.engine, self.groups, self.reader, self.receiver = engine, groups, reader, receiver
+        """``source``: a ``BatchSource``; ``augment_hiddens``: each augmenting model's hidden size, in model order."""
+        self.engine, self.groups, self.source, self.receiver = engine, groups, source, receiver
         self.augment_hiddens, self.after_step = list(augment_hiddens), after_step
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        self.world = groups.topology.anchor_ranks
 
-    def _post(self, step: int, batch: dict) -> None:
-        topology, index = self.groups.topology, self.groups.role.index
-        sequence = step * topology.anchor_ranks + index
+    def _post(self, unit_index: int, batch: dict) -> None:
+        topology = self.groups.topology
+        sequence = sequence_of(unit_index, self.groups.role.index, self.world)
         for pipeline, hidden in zip(topology.pipelines, self.augment_hiddens, strict=True):
             shape = (*batch["input_ids"].shape, hidden)
             for slot, layer in pipeline.wire_slots:
                 source = pipeline.stage_rank(pipeline.stage_of_layer(layer))
-                self.receiver.post((step, slot), shape, source, tag_of(sequence, slot))
+                self.receiver.post((unit_index, slot), shape, source, tag_of(sequence, slot))
 
-    def _states(self, step: int) -> list[torch.Tensor]:
+    def _states(self, unit_index: int) -> list[torch.Tensor]:
         """One tensor per bridge, in flat bridge order (bridges reading the same layer share it)."""
         slots = self.groups.topology.bridge_slots
-        received = {slot: self.receiver.wait((step, slot), self.compute_dtype) for slot in sorted(set(slots))}
+        received = {slot: self.receiver.wait((unit_index, slot), self.compute_dtype) for slot in sorted(set(slots))}
         return [received[slot] for slot in slots]
 
-    def _step(self, batch: dict, states: list[torch.Tensor]) -> tuple[float, int]:
+    def _forward(self, batch: dict, states: list[torch.Tensor]):
         device = self.groups.device
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        logits = self.engine(ids, attention_mask=mask, augment_states=states).logits
-        world = self.groups.topology.anchor_ranks
-        loss, local_sum, tokens = global_token_loss(logits, labels, mask, world)
-        self.engine.backward(loss)
-        self.engine.step()
-        if world > 1:
-            dist.all_reduce(local_sum)
-        return float(local_sum) / max(tokens, 1), tokens
+        weight = batch.get("row_weight")
+        return self.engine(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           labels=batch["labels"].to(device), augment_states=states, logits_for="labels",
+                           row_weight=None if weight is None else weight.to(device)).statistics
 
-    def train(self, steps: range, on_step: Callable[[StepReport], None] | None = None) -> list[float]:
-        losses = []
-        if not steps:  # resumed at the last step: nothing left to train
+    def _train_step(self, batch: dict, states: list[torch.Tensor]) -> tuple[float, int]:
+        """One optimizer step. Each rank's loss is its summed token loss over the *global* token count,
+        times the anchor world size (DeepSpeed averages gradients over ranks), so gradients equal the
+        single-process mean."""
+        statistics = self._forward(batch, states)
+        tokens = int(_all_reduce_sum([float(statistics.tokens)], self.world)[0])
+        self.engine.backward(statistics.loss_sum * self.world / max(tokens, 1))
+        self.engine.step()
+        loss_sum = _all_reduce_sum([float(statistics.loss_sum.detach())], self.world)[0]
+        return loss_sum / max(tokens, 1), tokens
+
+    def _eval_totals(self, batch: dict, states: list[torch.Tensor]) -> EvalTotals:
+        with torch.no_grad():
+            statistics = self._forward(batch, states)
+        return EvalTotals(float(statistics.loss_sum), statistics.tokens, statistics.exact_rows, statistics.rows)
+
+    def run(self, units: Iterable[dp.Unit], first_step: int, on_report: Report | None = None) -> list[float]:
+        """Every unit in order; returns the training losses."""
+        report = on_report or (lambda _: None)
+        losses: list[float] = []
+        iterator = iter(units)
+        unit = next(iterator, None)
+        if unit is None:
             return losses
-        batch = next(self.reader)
-        self._post(steps.start, batch)
-        for step in steps:
-            started = time.perf_counter()
-            position = self.reader.state_dict()
-            next_batch = next(self.reader) if step + 1 < steps.stop else None
-            if next_batch is not None:
-                self._post(step + 1, next_batch)  # receives for the next step are posted ahead
-            states = self._states(step)
-            lr = self.engine.get_lr()[0]
-            loss, tokens = self._step(batch, states)
-            counters = self.receiver.counters.snapshot_and_reset()
-            losses.append(loss)
-            # The step is reported before its checkpoint is published: a restart from that checkpoint
-            # then never lacks the step's record.
-            if on_step is not None:
-                on_step(StepReport(step + 1, loss, lr, tokens, time.perf_counter() - started, counters["wait_s"],
-                                   counters["bytes_received"], time.time(), self.groups.topology.anchor_ranks))
-            saving = time.perf_counter()
-            published = self.after_step(step + 1, position) if self.after_step is not None else None
-            if published is not None and on_step is not None:
-                on_step(CheckpointReport(step + 1, published, time.perf_counter() - saving, time.time()))
-            batch = next_batch
+        batch, position = self.source.batch(unit)
+        self._post(0, batch)
+        index, trained_step, totals = 0, first_step, EvalTotals()
+        started = evaluation_started = time.perf_counter()
+        while unit is not None:
+            following = next(iterator, None)
+            if following is not None:
+                next_batch, next_position = self.source.batch(following)
+                self._post(index + 1, next_batch)  # receives for the next unit are posted ahead
+            states = self._states(index)
+            if unit.kind == dp.TRAIN:
+                lr = self.engine.get_lr()[0]
+                loss, tokens = self._train_step(batch, states)
+                losses.append(loss)
+                counters = self.receiver.counters.snapshot_and_reset()
+                trained_step, reader_position = unit.step, position
+                # The step is reported before its checkpoint is published: a restart from that checkpoint
+                # then never lacks the step's record.
+                report(StepReport(unit.step, loss, lr, tokens, time.perf_counter() - started, counters["wait_s"],
+                                  counters["bytes_received"], time.time(), self.world))
+                evaluation_started = time.perf_counter()
+            else:
+                totals = totals.add(self._eval_totals(batch, states))
+                if unit.ends_eval:
+                    summed = EvalTotals.from_list(_all_reduce_sum(totals.as_list(), self.world))
+                    report(EvalReport(unit.step, unit.eval_set, summed, time.perf_counter() - evaluation_started))
+                    totals, evaluation_started = EvalTotals(), time.perf_counter()
+            if dp.step_ends_after(unit, following) and trained_step == unit.step and self.after_step is not None:
+                saving = time.perf_counter()
+                published = self.after_step(unit.step, reader_position)
+                if published is not None:
+                    report(CheckpointReport(unit.step, published, time.perf_counter() - saving, time.time()))
+            if following is not None:
+                batch, position = next_batch, next_position
+            unit, index = following, index + 1
+            if unit is not None and unit.kind == dp.TRAIN:
+                started = time.perf_counter()
         return losses

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from calm_dist.distributed.groups import Groups
-from calm_dist.distributed.transport import HIDDEN_SLOT, ActivationReceiver, ActivationSender, tag_of
+from calm_dist.distributed.transport import HIDDEN_SLOT, ActivationReceiver, ActivationSender, sequence_of, tag_of
 from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
 from calm_dist.model.composed import freeze
 from calm_dist.model.layers import backbone, find_decoder_layers
@@ -53,20 +53,21 @@ def stage_records(groups: Groups) -> set[int]:
     return record
 
 
-def run_stage(stage: AugmentStage, groups: Groups, readers, steps: range, sender: ActivationSender,
+def run_stage(stage: AugmentStage, groups: Groups, sources, units, sender: ActivationSender,
               hidden_sender: ActivationSender, receiver: ActivationReceiver) -> None:
-    """For every step and every anchor rank's micro-batch: receive, compute, send taps and hidden state."""
+    """For every unit and every anchor rank's micro-batch of it (``sources``: one ``BatchSource`` per anchor
+    rank): receive, compute, send taps and hidden state."""
     topology, index = groups.topology, groups.role.index
     pipeline = topology.pipeline_of(groups.role)
     taps = pipeline.taps_of_stage(index)
     last_layer = pipeline.stage_layers[index][-1]
     has_next = index < pipeline.stages - 1
-    for step in steps:
-        for anchor_index, reader in enumerate(readers):
-            batch = next(reader)
+    for unit_index, unit in enumerate(units):
+        for anchor_index, source in enumerate(sources):
+            batch, _ = source.batch(unit)
             ids = batch["input_ids"].to(groups.device)
             mask = batch["attention_mask"].to(groups.device)
-            sequence = step * topology.anchor_ranks + anchor_index
+            sequence = sequence_of(unit_index, anchor_index, topology.anchor_ranks)
             inject = None
             if index > 0:
                 shape = (*ids.shape, stage.hidden_size)

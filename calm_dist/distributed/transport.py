@@ -20,6 +20,12 @@ def wire_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def sequence_of(unit_index: int, anchor_index: int, anchor_ranks: int) -> int:
+    """The sequence number of one anchor rank's micro-batch of a unit (``data_pipeline.Unit``): anchor ranks
+    and augment stages number the run's micro-batches alike."""
+    return unit_index * anchor_ranks + anchor_index
+
+
 def tag_of(sequence: int, slot: int) -> int:
     """A tag unique to (micro-batch sequence number, slot) within a window of 2**20 micro-batches."""
     assert 0 <= slot < TAG_SLOTS

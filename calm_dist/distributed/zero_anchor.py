@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from calm_dist.config import Config
-from calm_dist.train.loop import OptimSettings, warmup_cosine
+from calm_dist.config import DeepSpeedConfig, TrainConfig
+from calm_dist.optim import OptimSettings, warmup_cosine
 
 
-def deepspeed_config(config: Config, micro_batch: int, load_universal: bool = False) -> dict:
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False) -> dict:
     """``load_universal``: the engine will load a checkpoint in DeepSpeed's universal form (written at
     another anchor rank count)."""
-    ds, train = config.deepspeed, config.train
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -138,20 +137,20 @@ def _fill_from_checkpoint(model, path: Path) -> None:
         del handle
 
 
-def configure_anchor(anchor, config: Config):
+def configure_anchor(anchor, ds: DeepSpeedConfig):
     """Options applied to the loaded anchor: activation checkpointing recomputes each layer in backward,
     so autograd keeps no gathered weights alive between forward and backward."""
-    if config.deepspeed.activation_checkpointing:
+    if ds.activation_checkpointing:
         anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return anchor
 
 
-def build_engine(model, config: Config, micro_batch: int, load_universal: bool = False):
+def build_engine(model, ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False):
     """deepspeed.initialize over the composed model; only the bridges reach the optimizer."""
     import deepspeed
 
-    ds_config = deepspeed_config(config, micro_batch, load_universal)
-    settings = OptimSettings.of(config.train)
+    ds_config = deepspeed_config(ds, train, micro_batch, load_universal)
+    settings = OptimSettings.of(train)
     schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         optimizer, lambda step: warmup_cosine(step, settings))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -166,3 +165,11 @@ def optimizer_state_numel(optimizer) -> int:
     for state in inner.state.values():
         total += sum(value.numel() for value in state.values() if torch.is_tensor(value) and value.dim() > 0)
     return total
+
+
+def gathered_composition_state(model) -> dict[str, torch.Tensor]:
+    """Full fp32 composition weights gathered from the ZeRO-3 partitions (every anchor rank must call it)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.bridges.parameters())):
+        return {name: tensor.detach().clone().float() for name, tensor in model.composition_state_dict().items()}

@@ -1,6 +1,8 @@
 """The composed model: a frozen anchor, frozen augmenting model(s) and the trainable bridges."""
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -12,9 +14,17 @@ from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
 from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask, ProjectedKV
 from calm_dist.model.connections import resolve_connections, resolve_per_model_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
-from calm_dist.model.loss import causal_lm_loss
+from calm_dist.model.loss import TokenStatistics, causal_lm_loss, predicting_positions, token_statistics
 from calm_dist.model.masks import cross_attention_allowed, position_ids_from_mask
 from calm_dist.model.wrapped_layer import wrap_anchor_layers
+
+
+@dataclass
+class CALMOutput(CausalLMOutput):
+    """``logits`` are ``[B, T, V]``, or with ``logits_for="labels"`` only the ``[N, V]`` rows of the positions
+    that predict a labelled token; ``statistics`` then holds what evaluation needs."""
+
+    statistics: TokenStatistics | None = None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -42,6 +52,7 @@ class CALMModel(nn.Module):
         super().__init__()
         augments, per_model_connections, shapes = _augment_specs(augment, connections, augment_shape)
         self.anchor = freeze(anchor)
+        self._anchor_slices_logits = "logits_to_keep" in inspect.signature(anchor.forward).parameters
         self.augments = nn.ModuleList(freeze(model) for model in augments) if augments[0] is not None else augments
         self.anchor_shape = model_shape(anchor)
         self.augment_shapes = shapes
@@ -191,7 +202,8 @@ class CALMModel(nn.Module):
             BridgeInput(state, masks[source], cache)
             for state, source, cache in zip(augment_states, self.bridge_sources, bridge_caches)
         ])
-        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        keeping = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep
+        extra = {"logits_to_keep": logits_to_keep} if keeping else {}
         return self.anchor(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -203,14 +215,27 @@ class CALMModel(nn.Module):
         )
 
     def forward(self, input_ids, attention_mask=None, labels=None, augment_states=None, *,
-                augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None
-                ) -> CausalLMOutput:
+                augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None,
+                logits_for: str = "all", row_weight: torch.Tensor | None = None) -> CALMOutput:
+        """``logits_for="labels"`` (with ``labels``) computes logits only where a labelled token is predicted
+        and returns ``statistics``; ``row_weight`` [B] (0 = a padding row) then leaves rows out of them."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        logits = self.step(input_ids, attention_mask, augment_states=augment_states, augment_inputs=augment_inputs,
-                           anchor_end_offsets=anchor_end_offsets).logits
-        loss = causal_lm_loss(logits, labels, attention_mask) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits)
+        inputs = dict(augment_states=augment_states, augment_inputs=augment_inputs,
+                      anchor_end_offsets=anchor_end_offsets)
+        if logits_for == "all":
+            logits = self.step(input_ids, attention_mask, **inputs).logits
+            loss = causal_lm_loss(logits, labels, attention_mask) if labels is not None else None
+            return CALMOutput(loss=loss, logits=logits)
+        if logits_for != "labels" or labels is None:
+            raise ValueError(f"logits_for must be 'all', or 'labels' with labels given; got {logits_for!r}")
+        positions = predicting_positions(labels, attention_mask)
+        if self._anchor_slices_logits:
+            logits = self.step(input_ids, attention_mask, logits_to_keep=positions, **inputs).logits
+        else:
+            logits = self.step(input_ids, attention_mask, **inputs).logits[positions]
+        statistics = token_statistics(logits, labels, positions, row_weight)
+        return CALMOutput(loss=statistics.mean_loss, logits=logits, statistics=statistics)
 
     def new_caches(self) -> dict:
         from transformers import DynamicCache
@@ -224,6 +249,48 @@ class CALMModel(nn.Module):
         from calm_dist.model.generation import greedy_generate
 
         return greedy_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
+
+
+@dataclass(frozen=True)
+class CompositionSpec:
+    """A composition, resolved: one list of (augment_layer, anchor_layer) pairs per augmenting model,
+    the bridges' output scaling, and the seed of their initial weights."""
+
+    connections: tuple[tuple[tuple[int, int], ...], ...]
+    relative_scale: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"connections": [[list(pair) for pair in pairs] for pairs in self.connections],
+                "relative_scale": self.relative_scale, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompositionSpec":
+        return cls(tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in data["connections"]),
+                   bool(data["relative_scale"]), int(data["seed"]))
+
+    def build(self, anchor: nn.Module, augments: Sequence[nn.Module] | None,
+              augment_shapes: Sequence[ModelShape]) -> "CALMModel":
+        return build_calm(anchor, augments, augment_shapes, self.connections, relative_scale=self.relative_scale,
+                          seed=self.seed)
+
+
+def build_calm(anchor: nn.Module, augments: Sequence[nn.Module] | None, augment_shapes: Sequence[ModelShape],
+               connections: Sequence[Sequence[tuple[int, int]]], *, relative_scale: bool = False,
+               seed: int | None = None) -> CALMModel:
+    """The one constructor every path uses: the single-process model, every anchor rank (``augments=None``:
+    their states arrive over the wire) and every export. ``connections`` holds one resolved list of pairs
+    per augmenting model. With ``seed``, the bridges' initial weights depend on it alone, not on the
+    global RNG."""
+    def build():
+        return CALMModel(anchor, None if augments is None else list(augments), [list(p) for p in connections],
+                         list(augment_shapes), relative_scale)
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def _augment_specs(augment, connections, augment_shape) -> tuple[list, list[list], list[ModelShape]]:
@@ -254,6 +321,7 @@ def compose(
     connections: Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]] | None = None,
     relative_scale: bool = False,
     shared_tokenizer: bool | Sequence[bool] = True,
+    seed: int | None = None,
 ) -> CALMModel:
     """Compose a frozen anchor (m_B) with one or several frozen augmenting models (m_A).
 
@@ -268,6 +336,7 @@ def compose(
     ``shared_tokenizer`` (one flag, or one per augmenting model): True requires the model to read
     the anchor's token ids (equal vocabulary sizes). False lets it have its own tokenizer; pass its
     tokenisation of the same texts to forward/step as ``augment_inputs`` (see ``alignment.py``).
+    ``seed`` makes the bridges' initial weights depend on it alone (default: the global RNG).
     """
     several = isinstance(augment, (list, tuple))
     augments = list(augment) if several else [augment]
@@ -287,7 +356,7 @@ def compose(
                                                   every_n, connections)
     else:
         per_model = [resolve_connections(shapes[0].num_layers, anchor_shape.num_layers, every_n, connections)]
-    return CALMModel(anchor, augments, per_model, shapes, relative_scale)
+    return build_calm(anchor, augments, shapes, per_model, relative_scale=relative_scale, seed=seed)
 
 
 def check_vocabularies(anchor_shape: ModelShape, augment_shape: ModelShape, name: str = "augmenting model") -> None:

@@ -71,3 +71,32 @@ def model_shape(model: nn.Module) -> ModelShape:
 def backbone(model: nn.Module) -> nn.Module:
     """The model without its LM head (what produces hidden states)."""
     return getattr(model, "base_model", model)
+
+
+@dataclass(frozen=True)
+class SavedModelFacts:
+    """What planning and early checks need of a saved model, read without loading its weights."""
+
+    shape: ModelShape
+    layer_sizes: tuple[int, ...]  # parameters of each decoder layer
+    parameters: int
+    max_positions: int | None  # the longest sequence its position embeddings cover (None: no limit known)
+    model_type: str
+
+
+_POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def saved_model_facts(path) -> SavedModelFacts:
+    """Facts of the model saved at ``path`` (``config.json``), from an empty meta-device instance."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = find_decoder_layers(model)
+    text = _text_config(model)
+    limit = next((getattr(text, key) for key in _POSITION_LIMIT_KEYS if getattr(text, key, None)), None)
+    return SavedModelFacts(model_shape(model), tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
+                           sum(p.numel() for p in model.parameters()), limit, str(getattr(config, "model_type", "")))

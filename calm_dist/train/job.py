@@ -1,51 +1,94 @@
-"""The default job end to end: data -> base models -> composition -> evaluation -> report."""
+"""The generic composition job: checks and data before anything runs, then (in one process, or through a
+launcher's distributed runtime) training and evaluation, then what the run leaves behind.
+
+    prepare_job   every check a config, its models and its data allow, then the tokenised data (cached);
+                  writes nothing but the data cache
+    open_run_dir  the run directory, once the launcher's own checks (plan, cluster, resume) passed
+    write_results results.json, run_summary.json, the loss curves, the trained composition
+"""
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import yaml
 
+import data_pipeline as dp
 from calm_dist.config import Config, to_dict
-from calm_dist.model.composed import CALMModel
-from calm_dist.train.augmenting_models import build_multi_composed, check_extra_vocabularies, extra_augment_dirs
-from calm_dist.train.base_models import weights_checksum
-from calm_dist.train.baselines import baseline_curves, enabled_rows, run_baselines
-from calm_dist.train.composition import Evaluator, build_composed, train_composition
-from calm_dist.train.pretrain import ensure_base_models, pretrain_summary
-from calm_dist.train.report import MetricsLogger, format_table, plot_losses, read_jsonl, write_json_atomically
-from calm_dist.train.task_data import prepare_task_data
+from calm_dist.identity import weights_checksum
+from calm_dist.reports import EvalReport, StepReport
+from calm_dist.train.models import ModelPlan, load_causal_lm, plan_models
+from calm_dist.train.report import (
+    MetricsLogger,
+    eval_curves,
+    evaluations_at,
+    loss_curve,
+    plot_losses,
+    read_jsonl,
+    write_json_atomically,
+)
 
 
-def make_run_dir(config: Config, resumable: bool = False) -> Path:
-    """runs/<name>-<time>; a resumable run (checkpointing on) uses runs/<name>, so a rerun finds its
-    checkpoints."""
-    if resumable:
-        run_dir = Path(config.run.output_dir) / config.run.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        return run_dir
+@dataclass(frozen=True)
+class PreparedJob:
+    config: Config
+    models: ModelPlan
+    data: dp.PreparedData
+    run_dir: Path  # where the run's outputs go (created by open_run_dir)
+
+    @property
+    def resumable(self) -> bool:
+        return self.config.checkpoint.every_steps > 0
+
+
+def data_spec(config: Config) -> dp.DataSpec:
+    data = config.data
+    if isinstance(data.eval, str):
+        evals = {"eval": dp.DataSource("data.eval", data.eval)}
+    else:
+        evals = {name: dp.DataSource(f"data.eval.{name}", location) for name, location in (data.eval or {}).items()}
+    return dp.DataSpec(dp.DataSource("data.train", data.train), evals, data.eval_fraction, dict(data.columns),
+                       dp.TokenizeSettings(data.max_length, data.overlong), data.num_proc, config.run.seed)
+
+
+def _check_rows(config: Config, data: dp.PreparedData) -> None:
+    rows = data.splits["train"].rows
+    if rows < config.train.batch_size:
+        raise ValueError(f"config key 'train.batch_size': {config.train.batch_size} rows per step, but data.train has "
+                         f"{rows} usable rows; lower train.batch_size or add data")
+
+
+def run_dir_for(config: Config) -> Path:
+    """runs/<name>-<time>; a resumable run (checkpointing on) uses runs/<name>, so a rerun finds its checkpoints."""
+    base = Path(config.run.output_dir)
+    if config.checkpoint.every_steps > 0:
+        return base / config.run.name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
-    suffix = 1
+    run_dir, suffix = base / f"{config.run.name}-{stamp}", 1
     while run_dir.exists():
-        run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}-{suffix}"
-        suffix += 1
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        run_dir, suffix = base / f"{config.run.name}-{stamp}-{suffix}", suffix + 1
     return run_dir
 
 
-def _base_curves(model_dirs: dict[str, Path]) -> dict[str, list[tuple[int, float]]]:
-    curves = {}
-    for side, label in (("augment", "m_A pretraining"), ("anchor", "m_B pretraining")):
-        info_path = model_dirs[side] / "calm_dist_base.json"
-        log = json.loads(info_path.read_text()).get("log", []) if info_path.is_file() else []
-        curves[label] = [(r["step"], r["loss"]) for r in log]
-    return curves
+def prepare_job(config: Config, log=print) -> PreparedJob:
+    """Every check of the config, its models, tokenizers and data; then the tokenised data. Raises
+    ValueError/FileNotFoundError naming the config key before anything of a run is written."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    models, tokenizer = plan_models(config)
+    data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log)
+    _check_rows(config, data)
+    return PreparedJob(config, models, data, run_dir_for(config))
+
+
+def open_run_dir(job: PreparedJob) -> Path:
+    job.run_dir.mkdir(parents=True, exist_ok=job.resumable)
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
+    return job.run_dir
 
 
 class Timer:
@@ -65,71 +108,95 @@ class Timer:
                 "total_s": round(time.perf_counter() - self.started, 1)}
 
 
-def prepare_run(config: Config, timer: Timer, resumable: bool = False):
-    """Run directory, data and the directories of the anchor and every augmenting model: everything the
-    composition needs, before any worker. Extra augmenting models are checked first, so a bad path fails
-    before the base models are trained."""
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    extra_dirs = extra_augment_dirs(config)
-    run_dir = make_run_dir(config, resumable)
-    print(f"run directory: {run_dir}", flush=True)
-    task_data = prepare_task_data(config)
-    timer.mark("data")
-    model_dirs = ensure_base_models(config, task_data)
-    timer.mark("base_models")
-    check_extra_vocabularies(config, task_data)
-    return run_dir, task_data, {**model_dirs, **extra_dirs}
+def base_models_summary(models: ModelPlan) -> dict:
+    return {"anchor": {"path": str(models.anchor_dir), "sha256": weights_checksum(models.anchor_dir)},
+            "augment": [{"path": str(path), "sha256": weights_checksum(path)} for path in models.augment_dirs]}
 
 
-def build_job_model(config: Config, model_dirs: dict[str, Path], task_data) -> CALMModel:
-    """CALM over the job's anchor and every augmenting model (``extra_augments`` included)."""
-    if config.extra_augments:
-        return build_multi_composed(config, model_dirs)
-    return build_composed(config, model_dirs, task_data)
+@dataclass(frozen=True)
+class RunResults:
+    """results.json: every evaluation set's metrics at step 0 (the anchor alone) and after training."""
+
+    anchor: dict
+    calm: dict
+
+    def table(self) -> str:
+        names = sorted({key[: -len("_loss")] for key in self.calm if key.endswith("_loss")})
+        lines = [f"| {'eval set':<20} | {'anchor loss':>11} | {'CALM loss':>9} | {'anchor exact':>12} | "
+                 f"{'CALM exact':>10} |", "|" + "-" * 22 + "|" + "-" * 13 + "|" + "-" * 11 + "|" + "-" * 14 + "|"
+                 + "-" * 12 + "|"]
+        for name in names:
+            lines.append(f"| {name:<20} | {self.anchor.get(f'{name}_loss', float('nan')):>11.4f} | "
+                         f"{self.calm[f'{name}_loss']:>9.4f} | {self.anchor.get(f'{name}_exact_match', float('nan')):>11.1f}% | "
+                         f"{self.calm[f'{name}_exact_match']:>9.1f}% |")
+        return "\n".join(lines)
 
 
-def finish_run(config: Config, model, task_data, model_dirs, run_dir: Path, curve, timer: Timer, extra=None) -> Path:
-    """Evaluates m_A, m_B and CALM, then trains and evaluates the enabled baselines (config.baselines);
-    writes results.json (before the baselines too), run_summary.json and the loss curves."""
-    torch.save(model.composition_state_dict(), run_dir / "composition.pt")
-    evaluator = Evaluator(config, task_data)
-    results = evaluator.table(model)
-    timer.mark("evaluation")
-    write_json_atomically(run_dir / "results.json", results)
-    composition_parameters = sum(p.numel() for p in model.trainable_parameters())
-    baselines: dict = {}
-    if enabled_rows(config):
-        results.update(run_baselines(config, task_data, model_dirs, evaluator, run_dir, timer=timer, details=baselines,
-                                     composition_parameters=composition_parameters))
-        write_json_atomically(run_dir / "results.json", results)
+def results_of(run_dir: Path, max_steps: int) -> RunResults:
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    final = evaluations_at(records, max_steps)
+    if not final:
+        raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no evaluation at step {max_steps}")
+    return RunResults(evaluations_at(records, 0), final)
+
+
+def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], timer: Timer,
+                  extra: dict | None = None) -> RunResults:
+    """results.json, run_summary.json, loss_curves.png and the trained composition, in the run directory."""
+    from safetensors.torch import save_file
+
+    run_dir, config = job.run_dir, job.config
+    save_file({key: value.detach().float().contiguous() for key, value in composition_state.items()},
+              str(run_dir / "composition.safetensors"))
+    results = results_of(run_dir, config.train.max_steps)
+    write_json_atomically(run_dir / "results.json", dataclasses.asdict(results))
     summary = {
         "timings": timer.summary(),
-        "base_models": {side: {"path": str(path), "sha256": weights_checksum(path), **pretrain_summary(path)}
-                        for side, path in model_dirs.items()},
-        "composition_parameters": composition_parameters,
-        "connections": model.connections,
-        "data": str(task_data.directory),
-        **({"baselines": baselines} if baselines else {}),
+        "base_models": base_models_summary(job.models),
+        "tokenizer": str(job.models.tokenizer_dir),
+        "composition": job.models.composition.to_dict(),
+        "composition_parameters": sum(value.numel() for value in composition_state.values()),
+        "data": {"directory": str(job.data.directory),
+                 "splits": {name: dataclasses.asdict(split) for name, split in job.data.splits.items()}},
         **(extra or {}),
     }
     write_json_atomically(run_dir / "run_summary.json", summary)
-    plot_losses({**_base_curves(model_dirs), "composition": curve, **baseline_curves(config, run_dir)},
-                run_dir / "loss_curves.png")
-    print(format_table(results), flush=True)
-    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items()), flush=True)
-    return run_dir
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    plot_losses({"composition": loss_curve(run_dir), **eval_curves(records)}, run_dir / "loss_curves.png")
+    return results
 
 
-def run_job(config: Config) -> Path:
-    """Runs the whole job in this process and returns the run directory."""
+def build_local_model(job: PreparedJob):
+    """The composed model over the job's saved models, in this process."""
+    from calm_dist.model.layers import model_shape
+
+    anchor = load_causal_lm(job.models.anchor_dir, "anchor.model.path")
+    augments = [load_causal_lm(path, f"augment[{index}].model.path") for index, path in enumerate(job.models.augment_dirs)]
+    return job.models.composition.build(anchor, augments, [model_shape(model) for model in augments])
+
+
+def run_local_job(config: Config, log=print) -> Path:
+    """The whole job in this process (``run.launcher: local``); returns the run directory."""
+    from calm_dist.train.local import LoopSettings, train_in_process
+
     timer = Timer()
-    run_dir, task_data, model_dirs = prepare_run(config, timer)
-    model = build_job_model(config, model_dirs, task_data)
+    job = prepare_job(config, log)
+    timer.mark("data")
+    model = build_local_model(job)
+    run_dir = open_run_dir(job)
+    log(f"run directory: {run_dir}")
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # one process does not resume: a rerun starts afresh
     logger = MetricsLogger(run_dir)
     try:
-        curve = train_composition(model, config, task_data, logger, Evaluator(config, task_data))
+        train_in_process(model, job.data, LoopSettings(config.train, config.eval, config.run.seed),
+                         lambda report: logger.log(report.record()))
     finally:
         logger.close()
     timer.mark("composition")
-    return finish_run(config, model, task_data, model_dirs, run_dir, curve, timer)
+    results = write_results(job, model.composition_state_dict(), timer, {"launcher": "local"})
+    log(results.table())
+    return run_dir
+
+
+__all__ = ["EvalReport", "PreparedJob", "RunResults", "StepReport", "Timer", "data_spec", "open_run_dir",
+           "prepare_job", "results_of", "run_dir_for", "run_local_job", "write_results"]

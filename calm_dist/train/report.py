@@ -5,16 +5,6 @@ import json
 import os
 from pathlib import Path
 
-ROWS = ("m_A", "m_B", "calm")
-COLUMNS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
-HELDIN_COLUMN = "kv_arithmetic_heldin"  # KV-Arithmetic over held-in keys, in the baselines' rows
-ROW_LABELS = {
-    "m_A": "m_A (augment)", "m_B": "m_B (anchor)", "calm": "CALM m_A+m_B", "calm_heldin_keys": "CALM, held-in keys",
-    "lora": "LoRA (anchor)", "calm_random_augment": "CALM (random m_A)", "calm_vanilla_augment": "CALM (vanilla m_A)",
-    "calm_two_augments": "CALM (2 augmenting models)", "calm_different_tokenizer": "CALM (different tokenizer)",
-}
-LABEL_WIDTH = max(len(label) for label in ROW_LABELS.values())
-
 
 def write_json_atomically(path: Path, payload) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -23,7 +13,7 @@ def write_json_atomically(path: Path, payload) -> None:
 
 
 class MetricsLogger:
-    """One JSON object per optimizer step in metrics.jsonl, mirrored to TensorBoard."""
+    """One JSON object per optimizer step and per evaluation in metrics.jsonl, mirrored to TensorBoard."""
 
     def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", tensorboard_dir: str = "tensorboard"):
         from torch.utils.tensorboard import SummaryWriter
@@ -39,10 +29,12 @@ class MetricsLogger:
             if key != "step" and isinstance(value, (int, float)):
                 self._writer.add_scalar(key, value, step)
 
-    def rewind(self, step: int) -> None:
-        """Forgets the records after ``step`` (a run resumed from the checkpoint of ``step``)."""
+    def rewind(self, step: int, evaluates_again: bool = False) -> None:
+        """Forgets the records after ``step`` (a run resumed from the checkpoint of ``step``), and the
+        evaluations at ``step`` too when the resumed run ``evaluates_again`` there."""
         self._file.close()
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _kept(json.loads(line), step, evaluates_again)]
         temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         temporary.write_text("".join(line + "\n" for line in kept))
         os.replace(temporary, self.path)
@@ -51,6 +43,12 @@ class MetricsLogger:
     def close(self) -> None:
         self._file.close()
         self._writer.close()
+
+
+def _kept(record: dict, step: int, evaluates_again: bool) -> bool:
+    if "eval" in record and evaluates_again:
+        return record["step"] < step
+    return record["step"] <= step
 
 
 class EventLog:
@@ -72,7 +70,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def loss_curve(run_dir: Path, filename: str = "metrics.jsonl") -> list[tuple[int, float]]:
     """(step, loss) of every step in one of a run's metrics files (the composition's by default)."""
-    return [(record["step"], record["loss"]) for record in read_jsonl(run_dir / filename)]
+    return [(record["step"], record["loss"]) for record in read_jsonl(run_dir / filename) if "loss" in record]
+
+
+def eval_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, eval loss) of each evaluation set."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if "eval" in record:
+            curves.setdefault(f"eval: {record['eval']}", []).append((record["step"], record[f"{record['eval']}_loss"]))
+    return curves
+
+
+def evaluations_at(records: list[dict], step: int) -> dict:
+    """Every evaluation set's metrics at ``step``, merged (``<set>_loss``, ``<set>_exact_match``, ...)."""
+    merged: dict = {}
+    for record in records:
+        if "eval" in record and record["step"] == step:
+            merged.update({key: value for key, value in record.items() if key not in ("step", "eval", "eval_s")})
+    return merged
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
@@ -89,29 +105,9 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
-        axis.set_yscale("log")
+        if points and min(loss for _, loss in points) > 0:
+            axis.set_yscale("log")
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
-
-
-def format_table(results: dict) -> str:
-    """The paper's table shape: accuracy % per model and task. With baseline rows a held-in-keys column
-    is added, and CALM's held-in score moves into it."""
-    rows = dict(results)
-    columns = COLUMNS
-    if any(HELDIN_COLUMN in cells for cells in results.values()):
-        columns = COLUMNS + (HELDIN_COLUMN,)
-        if "calm" in rows and "calm_heldin_keys" in rows:
-            rows["calm"] = {**rows["calm"], HELDIN_COLUMN: rows.pop("calm_heldin_keys")["kv_arithmetic"]}
-    titles = {HELDIN_COLUMN: "kv_arith (held-in)"}
-    header = f"| {'model':<{LABEL_WIDTH}} | " + " | ".join(f"{titles.get(c, c):>18}" for c in columns) + " |"
-    lines = [header, "|" + "-" * (LABEL_WIDTH + 2) + "|" + ("-" * 20 + "|") * len(columns)]
-    for row, label in ROW_LABELS.items():
-        if row not in rows:
-            continue
-        cells = [rows[row].get(column) for column in columns]
-        text = [f"{c:>18.1f}" if isinstance(c, (int, float)) else f"{'-':>18}" for c in cells]
-        lines.append(f"| {label:<{LABEL_WIDTH}} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
