@@ -191,30 +191,21 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     raise ValueError(f"config key '{key}': unsupported type {annotation}")
 
 
-# Keys of configs written before the generic job, with what replaces them.
+# Keys of earlier configs of the framework, with what replaces them.
 _MOVED = {
     "extra_augments": "list every augmenting model under 'augment:' instead, e.g. augment: [{model: {path: "
                       "/models/a1}}, {model: {path: /models/a2}, connections: [[2, 0]], stages: 2}]",
-    "baselines": "the KV-arithmetic baselines are the recipe's: move them under recipe: {name: kv_arithmetic, "
-                 "baselines: {...}}",
     "train.eval_every": "use eval.every_steps",
     "train.log_every": "progress is shown every step; remove the key",
     "eval.max_new_tokens": "evaluation is teacher-forced (no generation); a recipe that generates sets its own",
 }
-_KV_DATA_KEYS = {"num_keys", "key_min_len", "key_max_len", "value_max", "min_operands", "max_operands",
-                 "heldin_fraction", "val_fraction", "base_train_examples", "composition_train_examples",
-                 "augment_number_operand_prob", "composition_numeric_fraction", "eval_examples"}
 
 
 def _unknown_key_message(prefix: str, key: str, names: set[str]) -> str:
-    dotted = f"{prefix}{key}"
-    hint = _MOVED.get(dotted)
-    if hint is None and prefix == "data." and key in _KV_DATA_KEYS:
-        hint = ("that is a KV-arithmetic setting: it belongs to the recipe, under recipe: {name: kv_arithmetic, "
-                "data: {...}} (see configs/kv_arithmetic.yaml)")
-    if hint is None and prefix in ("anchor.", "augment[0].", "augment.") and key in ("pretrain", "zero_unseen_embeddings"):
-        hint = "base-model pretraining is the KV-arithmetic recipe's: move it under recipe: {anchor: {...}}"
-    text = f"unknown config key '{dotted}' (known under '{prefix or '<root>'}': {sorted(names)})"
+    text = f"unknown config key '{prefix}{key}' (known under '{prefix or '<root>'}': {sorted(names)})"
+    hint = _MOVED.get(f"{prefix}{key}")
+    if hint is None and not prefix:
+        hint = "a recipe's own settings go under its 'recipe:' section"
     return f"{text}; {hint}" if hint else text
 
 

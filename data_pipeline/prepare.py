@@ -199,7 +199,7 @@ def _tokenise(dataset, name: str, source: DataSource, tokenizer, spec: DataSpec)
               for item in pc.value_counts(encoded.data.column("status")).to_pylist()}
     kept = encoded.filter(lambda rows: [s in ("kept", "truncated") for s in rows], input_columns="status",
                           batched=True)
-    kept = kept.remove_columns("status")
+    kept = kept.remove_columns("status").flatten_indices()
     lengths = pc.list_value_length(kept.data.column("input_ids"))
     labels = kept.data.column("labels")
     labelled = 0

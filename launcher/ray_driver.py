@@ -133,10 +133,10 @@ def run_ray_job(config: Config) -> Path:
     from launcher.reporting import StepLogger
     from launcher.runtime import prepare_runtime
 
-    embedded = connect(config)
     timer = Timer()
     job = prepare_job(config)
     inputs, store = prepare_runtime(job)
+    embedded = connect(config)
     check_feasible(config)
     run_dir = open_run_dir(job)
     timer.mark("data")

@@ -3,24 +3,21 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from calm_dist.distributed.groups import env_store
 from calm_dist.distributed.worker import RunInputs, run_worker
 
 
 def composition_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
-    """Trains the composition; anchor ranks return their losses and the gathered bridge weights."""
-    import deepspeed
+    """Trains the composition; anchor ranks return their losses, reports and the gathered bridge weights."""
+    from calm_dist.distributed.zero_anchor import gathered_composition_state
 
-    store, _, _ = env_store(inputs.config.parallel.timeout_s)
-    result = run_worker(inputs, rank, world_size, store)
+    store, _, _ = env_store(inputs.parallel.timeout_s)
+    reports = []
+    result = run_worker(inputs, rank, world_size, store, on_report=reports.append)
     if "model" not in result:
         return {"role": result["role"], "bytes_sent": result["bytes_sent"]}
-    model = result["model"]
-    with deepspeed.zero.GatheredParameters(list(model.bridges.parameters())):
-        bridges = {name: tensor.detach().clone() for name, tensor in model.composition_state_dict().items()}
-    return {"role": result["role"], "losses": result["losses"], "bridges": bridges}
+    return {"role": result["role"], "losses": result["losses"], "reports": reports,
+            "bridges": gathered_composition_state(result["model"])}
 
 
 def killed_while_checkpointing(rank: int, world_size: int, inputs: RunInputs, kill_step: int) -> dict:
@@ -48,21 +45,13 @@ def failing_run(rank: int, world_size: int, inputs: RunInputs, failing_rank: int
     return composition_run(rank, world_size, inputs)
 
 
-def reporting_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
-    """Like composition_run, plus each step's report on anchor ranks."""
-    store, _, _ = env_store(inputs.config.parallel.timeout_s)
-    reports = []
-    result = run_worker(inputs, rank, world_size, store, on_step=reports.append)
-    return {"role": result["role"], "reports": reports, "losses": result.get("losses")}
-
-
 def partition_facts(rank: int, world_size: int, inputs: RunInputs) -> dict:
-    """Anchor-side facts after one step: partition sizes, optimizer state, gathered anchor weights."""
+    """Anchor-side facts after training: partition sizes, optimizer state, gathered anchor weights."""
     import deepspeed
 
     from calm_dist.distributed.zero_anchor import optimizer_state_numel
 
-    store, _, _ = env_store(inputs.config.parallel.timeout_s)
+    store, _, _ = env_store(inputs.parallel.timeout_s)
     result = run_worker(inputs, rank, world_size, store)
     if "model" not in result:
         return {"role": result["role"]}

@@ -10,7 +10,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_configs_are_shipped():
     names = {path.name for path in CONFIGS}
-    assert {"kv_arithmetic.yaml", "tiny.yaml"} <= names
+    assert {"example_composition.yaml", "kv_arithmetic.yaml", "tiny.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -22,13 +22,25 @@ def test_every_shipped_config_loads(path):
 
 def test_dotted_overrides_reach_the_tree():
     config = load_config(None, ["train.max_steps=7", "checkpoint.every_steps=3", "parallel.anchor_ranks=2",
-                                "parallel.augment_stages=2", "parallel.min_anchor_ranks=1",
-                                "composition.connections=[[0, -1], [1, 2]]", "anchor.model.arch=gpt2"])
+                                "parallel.augment_stages=2", "parallel.min_anchor_ranks=1", "run.launcher=local",
+                                "composition.connections=[[0, -1], [1, 2]]", "augment.model.path=/m/a",
+                                "data.eval={a: /d/a.jsonl, b: /d/b.parquet}"])
     assert config.train.max_steps == 7
     assert config.checkpoint.every_steps == 3
     assert (config.parallel.anchor_ranks, config.parallel.augment_stages) == (2, 2)
     assert config.composition.connections == [[0, -1], [1, 2]]
-    assert config.anchor.model.arch == "gpt2"
+    assert config.augment[0].model.path == "/m/a"
+    assert config.data.eval == {"a": "/d/a.jsonl", "b": "/d/b.parquet"}
+
+
+def test_one_or_several_augmenting_models(tmp_path):
+    path = tmp_path / "several.yaml"
+    path.write_text("augment:\n  - model: {path: /m/a}\n  - model: {path: /m/b}\n    connections: [[2, 0]]\n"
+                    "    stages: 2\n")
+    config = load_config(path, ["augment.model.tokenizer=/t"])  # augment.* = the first model's
+    assert [a.model.path for a in config.augment] == ["/m/a", "/m/b"]
+    assert config.augment[0].model.tokenizer == "/t"
+    assert (config.augment[1].connections, config.augment[1].stages) == ([[2, 0]], 2)
 
 
 def test_ints_and_exponent_strings_are_accepted_for_floats():
@@ -43,17 +55,31 @@ def test_ints_and_exponent_strings_are_accepted_for_floats():
     ("train.max_steps=1.5", "train.max_steps"),
     ("train.max_steps=0", "train.max_steps"),
     ("train.lr=-1", "train.lr"),
-    ("data.heldin_fraction=1.5", "data.heldin_fraction"),
-    ("data.max_operands=1", "data.max_operands"),
-    ("anchor.model.arch=bert", "anchor.model.arch"),
-    ("augment.model.hidden_size=30", "augment.model.hidden_size"),
+    ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("data.overlong=cut", "data.overlong"),
+    ("data.max_length=0", "data.max_length"),
     ("parallel.min_anchor_ranks=3", "parallel.min_anchor_ranks"),
+    ("train.batch_size=7", "train.batch_size"),  # with the default 1 anchor rank: fine, so pair it below
     ("composition.connections=[[0]]", "composition.connections[0]"),
     ("composition.connections=[[0, x]]", "composition.connections[0][1]"),
+    ("augment.stages=0", "augment[0].stages"),
+    ("augment.every_n=0", "augment[0].every_n"),
+    ("recipe={data: {}}", "recipe.name"),
     ("train=3", "train"),
 ])
 def test_bad_values_name_the_key(override, needle):
+    overrides = [override, "parallel.anchor_ranks=2"] if override.startswith("train.batch_size") else [override]
     with pytest.raises(ValueError, match=r"\b" + needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("extra_augments=[{path: /m}]", "list every augmenting model under 'augment:'"),
+    ("baselines.lora=true", "a recipe's own settings go under its 'recipe:' section"),
+    ("train.eval_every=5", "use eval.every_steps"),
+])
+def test_keys_of_older_configs_say_what_replaces_them(override, hint):
+    with pytest.raises(ValueError, match=hint):
         load_config(None, [override])
 
 

@@ -1,59 +1,59 @@
-"""The distributed runtime (ZeRO-3 anchor ranks + augment pipeline stages) against its single-process twin."""
+"""The distributed runtime (ZeRO-3 anchor ranks + augment pipeline stages) against its single-process twin,
+on a user's own models and data: the same per-step losses, the same evaluations, the same bridges."""
+import dataclasses
+
 import pytest
 import torch
 
-from calm_dist.config import load_config
-from calm_dist.distributed.worker import RunInputs
-from calm_dist.train.composition import build_composed, composition_reader
-from calm_dist.train.loop import OptimSettings, train_loop
-from calm_dist.train.pretrain import ensure_base_models
-from calm_dist.train.task_data import prepare_task_data
+from launcher.runtime import runtime_inputs
 from tests.dist_helpers import spawn
 from tests.dist_workers import composition_run, failing_run
+from tests.user_project import prepared_job, single_process_run
 
-STEPS = 10
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    overrides = [f"run.cache_dir={cache}", f"train.max_steps={STEPS}", "train.batch_size=8",
-                 "composition.connections=[[0, -1], [1, 0], [1, 1]]", "parallel.timeout_s=60"]
-    config = load_config("configs/tiny.yaml", overrides)
-    task_data = prepare_task_data(config)
-    return config, task_data, ensure_base_models(config, task_data)
+def job(project, tmp_path_factory):
+    return prepared_job(project, tmp_path_factory.mktemp("parity"), f"train.max_steps={STEPS}", "eval.every_steps=4",
+                        "eval.batch_size=5")
 
 
-def single_process(config, task_data, model_dirs):
-    torch.set_num_threads(1)
-    model = build_composed(config, model_dirs, task_data)
-    model.train()
-    reader = composition_reader(config, task_data)
-    loss_fn = lambda b: model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss  # noqa
-    losses = train_loop(loss_fn, model.trainable_parameters(), reader, OptimSettings.of(config.train),
-                        description="reference", show_progress=False)
-    return losses, model.composition_state_dict()
+@pytest.fixture(scope="module")
+def reference(job):
+    return single_process_run(job)
+
+
+def with_plan(job, anchor_ranks: int, stages: int):
+    inputs = runtime_inputs(job)
+    parallel = dataclasses.replace(inputs.parallel, anchor_ranks=anchor_ranks, augment_stages=stages)
+    augments = tuple(dataclasses.replace(model, stages=stages) for model in inputs.augments)
+    return dataclasses.replace(inputs, parallel=parallel, augments=augments)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("anchor_ranks,stages", [(1, 1), (2, 2)])
-def test_distributed_matches_single_process(prepared, tmp_path, anchor_ranks, stages):
-    config, task_data, model_dirs = prepared
-    config.parallel.anchor_ranks, config.parallel.augment_stages = anchor_ranks, stages
-    reference_losses, reference_bridges = single_process(config, task_data, model_dirs)
-    results = spawn(composition_run, anchor_ranks + stages, (RunInputs(config, task_data, model_dirs),), tmp_path)
+def test_distributed_matches_single_process(job, reference, tmp_path, anchor_ranks, stages):
+    from calm_dist.reports import EvalReport
+
+    reference_losses, reference_evals, reference_bridges = reference
+    results = spawn(composition_run, anchor_ranks + stages, (with_plan(job, anchor_ranks, stages),), tmp_path)
     anchors = [r for r in results if "losses" in r]
     assert len(anchors) == anchor_ranks
     for result in anchors:  # every anchor rank reports the same global loss
         assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) <= 1e-4
     assert len(reference_losses) == STEPS and reference_losses[0] != reference_losses[-1]
+    evaluations = {(r.step, r.name): r for r in anchors[0]["reports"] if isinstance(r, EvalReport)}
+    assert set(evaluations) == set(reference_evals) == {(0, "eval"), (4, "eval"), (8, "eval")}
+    for key, expected in reference_evals.items():
+        assert abs(evaluations[key].loss - expected.loss) <= 1e-5, key
+        assert evaluations[key].totals.rows == expected.totals.rows == job.data.splits["eval"].rows
+        assert evaluations[key].totals.exact_rows == expected.totals.exact_rows
     for name, tensor in reference_bridges.items():
         assert torch.allclose(anchors[0]["bridges"][name], tensor, atol=1e-5), name
 
 
 @pytest.mark.timeout(300)
-def test_a_failing_rank_fails_every_rank(prepared, tmp_path):
-    config, task_data, model_dirs = prepared
-    config.parallel.anchor_ranks, config.parallel.augment_stages = 1, 1
+def test_a_failing_rank_fails_every_rank(job, tmp_path):
     with pytest.raises(Exception, match="injected failure on rank 1"):
-        spawn(failing_run, 2, (RunInputs(config, task_data, model_dirs), 1), tmp_path)
+        spawn(failing_run, 2, (with_plan(job, 1, 1), 1), tmp_path)

@@ -1,40 +1,48 @@
-"""Distributed runtime facts: staged activations, real partitioning, bytes on the wire, checkpointing."""
-import copy
+"""Distributed runtime facts: staged activations, real partitioning, bytes on the wire, bf16, activation
+checkpointing."""
+import dataclasses
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calm_dist.config import load_config
 from calm_dist.distributed.augment_pipeline import AugmentStage
-from calm_dist.distributed.worker import RunInputs
-from calm_dist.train.pretrain import ensure_base_models
-from calm_dist.train.task_data import prepare_task_data
+from launcher.runtime import runtime_inputs
 from tests.dist_helpers import spawn
-from tests.dist_workers import partition_facts, reporting_run
+from tests.dist_workers import composition_run, partition_facts
 from tests.tiny_models import random_ids, tiny_model
+from tests.user_project import prepared_job
 
 pytestmark = pytest.mark.timeout(300)
 CONNECTIONS = "composition.connections=[[0, -1], [1, 0], [1, 1]]"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    config = load_config("configs/tiny.yaml", [f"run.cache_dir={cache}", "train.max_steps=3", "train.batch_size=8",
-                                               CONNECTIONS, "parallel.timeout_s=60"])
-    task_data = prepare_task_data(config)
-    return config, task_data, ensure_base_models(config, task_data)
+def job(project, tmp_path_factory):
+    return prepared_job(project, tmp_path_factory.mktemp("runtime"), "train.max_steps=3", CONNECTIONS)
 
 
-def inputs_with(prepared, **parallel) -> RunInputs:
-    config, task_data, model_dirs = prepared
-    config = copy.deepcopy(config)
-    for key, value in parallel.items():
+@pytest.fixture(scope="module")
+def plain(job, tmp_path_factory):
+    """1 anchor rank + 1 stage, fp32 on the wire: the run the other settings are compared with."""
+    return spawn(composition_run, 2, (inputs_with(job),), tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def bf16_run(job, tmp_path_factory):
+    """The same with a bf16 anchor and bf16 on the wire."""
+    inputs = inputs_with(job, deepspeed__bf16=True, parallel__wire_dtype="bfloat16")
+    return spawn(composition_run, 2, (inputs,), tmp_path_factory.mktemp("bf16"))
+
+
+def inputs_with(job, **sections):
+    """The job's runtime inputs with ``parallel__anchor_ranks=2``-style changes."""
+    inputs = runtime_inputs(job)
+    for key, value in sections.items():
         section, name = key.split("__")
-        setattr(getattr(config, section), name, value)
-    return RunInputs(config, task_data, model_dirs)
+        inputs = dataclasses.replace(inputs, **{section: dataclasses.replace(getattr(inputs, section), **{name: value})})
+    return inputs
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -59,12 +67,11 @@ def test_staged_activations_equal_the_unsplit_hidden_states(arch):
         assert (outputs[layer] - hidden[layer + 1]).abs().max().item() <= 1e-6, layer
 
 
-def test_partitioning_is_real_and_optimizer_state_is_composition_only(prepared, tmp_path):
-    inputs = inputs_with(prepared, parallel__anchor_ranks=2, parallel__augment_stages=1,
-                         deepspeed__param_persistence_threshold=0)
+def test_partitioning_is_real_and_optimizer_state_is_composition_only(job, tmp_path):
+    inputs = inputs_with(job, parallel__anchor_ranks=2, deepspeed__param_persistence_threshold=0)
     results = [r for r in spawn(partition_facts, 3, (inputs,), tmp_path) if "partitions" in r]
     assert len(results) == 2
-    plain = AutoModelForCausalLM.from_pretrained(inputs.model_dirs["anchor"])
+    plain = AutoModelForCausalLM.from_pretrained(inputs.anchor_path)
     for result in results:
         for name, (local, full) in result["partitions"].items():
             assert local == math.ceil(full / 2), name
@@ -75,15 +82,17 @@ def test_partitioning_is_real_and_optimizer_state_is_composition_only(prepared, 
 
 
 @pytest.mark.parametrize("wire,width", [("float32", 4), ("bfloat16", 2)])
-def test_wire_bytes_per_step_are_exactly_the_taps(prepared, tmp_path, wire, width):
-    inputs = inputs_with(prepared, parallel__anchor_ranks=1, parallel__augment_stages=1, parallel__wire_dtype=wire)
-    results = spawn(reporting_run, 2, (inputs,), tmp_path)
-    reports = results[0]["reports"]
-    taps = 2  # CONNECTIONS read augment layers 0 and 1; layer 1 feeds two bridges but is sent once
-    hidden = inputs.config.augment.model.hidden_size
-    from calm_dist.train.composition import composition_reader
+def test_wire_bytes_per_step_are_exactly_the_taps(job, plain, bf16_run, wire, width):
+    from calm_dist.distributed.worker import train_reader
+    from calm_dist.reports import StepReport
 
-    reader = composition_reader(inputs.config, inputs.task_data)
+    inputs = inputs_with(job, parallel__wire_dtype=wire)
+    results = plain if wire == "float32" else bf16_run
+    reports = [r for r in results[0]["reports"] if isinstance(r, StepReport)]
+    taps = 2  # CONNECTIONS read augment layers 0 and 1; layer 1 feeds two bridges but is sent once
+    hidden = job.models.augment_facts[0].shape.hidden_size
+    reader = train_reader(inputs, 0)
+    assert len(reports) == 3
     for report in reports:
         batch = next(reader)
         batch_size, seq_len = batch["input_ids"].shape
@@ -92,17 +101,14 @@ def test_wire_bytes_per_step_are_exactly_the_taps(prepared, tmp_path, wire, widt
         assert all(math.isfinite(r.loss) for r in reports)
 
 
-def test_activation_checkpointing_gives_the_same_losses(prepared, tmp_path):
-    plain = spawn(reporting_run, 2, (inputs_with(prepared),), tmp_path / "plain")
-    checkpointed = spawn(reporting_run, 2, (inputs_with(prepared, deepspeed__activation_checkpointing=True),),
+def test_activation_checkpointing_gives_the_same_losses(job, plain, tmp_path):
+    checkpointed = spawn(composition_run, 2, (inputs_with(job, deepspeed__activation_checkpointing=True),),
                          tmp_path / "checkpointed")
     assert max(abs(a - b) for a, b in zip(plain[0]["losses"], checkpointed[0]["losses"])) <= 1e-5
 
 
-def test_bf16_anchor_trains_and_stays_close_to_fp32(prepared, tmp_path):
-    fp32 = spawn(reporting_run, 2, (inputs_with(prepared),), tmp_path / "fp32")
-    bf16 = spawn(reporting_run, 2, (inputs_with(prepared, deepspeed__bf16=True, parallel__wire_dtype="bfloat16"),),
-                 tmp_path / "bf16")
-    losses = bf16[0]["losses"]
+def test_bf16_anchor_trains_and_stays_close_to_fp32(plain, bf16_run):
+    fp32 = plain
+    losses = bf16_run[0]["losses"]
     assert all(math.isfinite(loss) for loss in losses)
     assert max(abs(a - b) for a, b in zip(fp32[0]["losses"], losses)) < 0.1

@@ -146,3 +146,38 @@ def generic_config(project: UserProject, root: Path, *overrides: str, train: str
     if evaluation:
         settings.append(f"data.eval={project.data(evaluation)}")
     return load_config(None, settings + list(overrides))
+
+
+def save_second_augment(project: UserProject) -> Path:
+    """Another augmenting model over the same tokenizer: other width and depth, its own seed."""
+    directory = project.root / "models" / "augment_2"
+    if not (directory / "config.json").is_file():
+        model = tiny_causal_lm("llama", len(project.tokenizer), hidden=24, layers=3, heads=2, seed=5,
+                               eos_id=project.tokenizer.eos_token_id)
+        model.save_pretrained(directory)
+        project.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def prepared_job(project: UserProject, root: Path, *overrides: str, **kwargs):
+    """The checked, data-prepared generic job over the project (nothing of a run written yet)."""
+    from calm_dist.train.job import prepare_job
+
+    return prepare_job(generic_config(project, root, *overrides, **kwargs), log=lambda _: None)
+
+
+def single_process_run(job):
+    """The single-process twin over a prepared job: (per-step losses, {(step, set): EvalReport}, bridges)."""
+    from calm_dist.reports import EvalReport
+    from calm_dist.train.job import build_local_model
+    from calm_dist.train.local import LoopSettings, train_in_process
+
+    torch.set_num_threads(1)
+    model = build_local_model(job)
+    reports = []
+    config = job.config
+    train_in_process(model, job.data, LoopSettings(config.train, config.eval, config.run.seed), reports.append,
+                     show_progress=False)
+    losses = [r.loss for r in reports if not isinstance(r, EvalReport)]
+    evaluations = {(r.step, r.name): r for r in reports if isinstance(r, EvalReport)}
+    return losses, evaluations, model.composition_state_dict()

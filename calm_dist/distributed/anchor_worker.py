@@ -105,6 +105,7 @@ class AnchorWorker:
                 evaluation_started = time.perf_counter()
             else:
                 totals = totals.add(self._eval_totals(batch, states))
+                self.receiver.counters.snapshot_and_reset()  # step reports count their own unit's wire only
                 if unit.ends_eval:
                     summed = EvalTotals.from_list(_all_reduce_sum(totals.as_list(), self.world))
                     report(EvalReport(unit.step, unit.eval_set, summed, time.perf_counter() - evaluation_started))
