@@ -7,14 +7,11 @@ import os
 import pytest
 import torch
 
-from calm_dist.checkpoint import (CheckpointStore, check_resumable, checkpoint_name, consolidated_composition,
-                                  find_resume_point, run_identity)
-from calm_dist.config import load_config
-from calm_dist.distributed.worker import RunInputs
-from calm_dist.train.pretrain import ensure_base_models
-from calm_dist.train.task_data import prepare_task_data
+from calm_dist.checkpoint import CheckpointStore, check_resumable, checkpoint_name, consolidated_composition, find_resume_point
+from launcher.runtime import job_identity, runtime_inputs
 from tests.dist_helpers import spawn
 from tests.dist_workers import composition_run, killed_while_checkpointing
+from tests.user_project import prepared_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,23 +42,13 @@ def test_store_publishes_atomically_keeps_the_newest_and_ignores_partials(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    config = load_config("configs/tiny.yaml", [
-        f"run.cache_dir={cache}", "train.max_steps=6", "train.batch_size=8", "parallel.timeout_s=60",
-        "checkpoint.every_steps=2", "checkpoint.keep=3",
-        # wider bridges than tiny.yaml's so that file headers are noise next to the weights
-        "anchor.model.hidden_size=96", "anchor.model.num_heads=4", "augment.model.hidden_size=64"])
-    task_data = prepare_task_data(config)
-    return config, task_data, ensure_base_models(config, task_data)
+def prepared(project, tmp_path_factory):
+    return prepared_job(project, tmp_path_factory.mktemp("checkpoint"), "train.max_steps=6", "checkpoint.every_steps=2",
+                        "checkpoint.keep=3")
 
 
-def _inputs(prepared, root: str, **train) -> RunInputs:
-    config, task_data, model_dirs = prepared
-    config = copy.deepcopy(config)
-    for key, value in train.items():
-        setattr(config.train, key, value)
-    return RunInputs(config, task_data, model_dirs, None, root, run_identity(config, model_dirs))
+def _inputs(job, root: str):
+    return runtime_inputs(job, root, job_identity(job))
 
 
 def test_checkpoint_holds_only_composition_weights_and_adam_state(prepared, tmp_path):
@@ -73,7 +60,8 @@ def test_checkpoint_holds_only_composition_weights_and_adam_state(prepared, tmp_
     assert name == checkpoint_name(6) and store.complete() == [checkpoint_name(s) for s in (2, 4, 6)]
     size = sum(f.stat().st_size for f in (tmp_path / "ckpt" / name).rglob("*") if f.is_file())
     ratio = size / (3 * params * 4)  # fp32 weights + Adam's two moments
-    assert 1.0 <= ratio <= 1.1, f"checkpoint bytes / (3 x {params} x 4) = {ratio:.3f}"
+    # DeepSpeed's few KB of headers are 12% of these tiny bridges; the anchor's frozen weights would add 1.7x.
+    assert 1.0 <= ratio <= 1.25, f"checkpoint bytes / (3 x {params} x 4) = {ratio:.3f}"
     consolidated = consolidated_composition(store, name)
     assert consolidated.keys() == results[0]["bridges"].keys()
     for key, value in results[0]["bridges"].items():
@@ -90,8 +78,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(prepare
     assert (tmp_path / "ckpt" / f".partial-{checkpoint_name(4)}").is_dir()  # the half-written one, never loaded
     weights = consolidated_composition(store, store.latest())
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
-    config, _, model_dirs = prepared
-    point = find_resume_point(store, run_identity(config, model_dirs), 1)
+    point = find_resume_point(store, job_identity(prepared), 1)
     assert point.step == 2 and not point.universal
     resumed = spawn(composition_run, 2, (dataclasses.replace(_inputs(prepared, root), resume=point),),
                     tmp_path / "resumed")
@@ -101,8 +88,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(prepare
 
 
 def test_resume_against_changed_base_weights_is_refused(prepared, tmp_path):
-    config, _, model_dirs = prepared
-    identity = run_identity(config, model_dirs)
+    identity = job_identity(prepared)
     meta = json.loads(json.dumps({"step": 4, **identity}))
     check_resumable(meta, identity)
     meta["base_models"]["anchor"]["sha256"] = "0" * 64
@@ -112,3 +98,10 @@ def test_resume_against_changed_base_weights_is_refused(prepared, tmp_path):
     other["config"]["train"]["batch_size"] = 16
     with pytest.raises(ValueError, match="train.batch_size=8"):
         check_resumable({"step": 4, **identity}, other)
+    rewired = copy.deepcopy(identity)
+    rewired["composition"]["connections"][0][0] = [0, 0]
+    with pytest.raises(ValueError, match=r"the composition \(connections"):
+        check_resumable({"step": 4, **identity}, rewired)
+    other_data = {**identity, "data": "data-other"}
+    with pytest.raises(ValueError, match=r"the data \(data"):
+        check_resumable({"step": 4, **identity}, other_data)

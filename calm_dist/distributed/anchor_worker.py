@@ -74,7 +74,7 @@ class AnchorWorker:
             statistics = self._forward(batch, states)
         return EvalTotals(float(statistics.loss_sum), statistics.tokens, statistics.exact_rows, statistics.rows)
 
-    def run(self, units: Iterable[dp.Unit], first_step: int, on_report: Report | None = None) -> list[float]:
+    def run(self, units: Iterable[dp.Unit], on_report: Report | None = None) -> list[float]:
         """Every unit in order; returns the training losses."""
         report = on_report or (lambda _: None)
         losses: list[float] = []
@@ -84,7 +84,7 @@ class AnchorWorker:
             return losses
         batch, position = self.source.batch(unit)
         self._post(0, batch)
-        index, trained_step, totals = 0, first_step, EvalTotals()
+        index, trained_step, totals = 0, -1, EvalTotals()
         started = evaluation_started = time.perf_counter()
         while unit is not None:
             following = next(iterator, None)

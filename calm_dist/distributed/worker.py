@@ -168,7 +168,7 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
     source = BatchSource(inputs, groups.role.index)
     worker = AnchorWorker(engine, groups, source, receiver, [shape.hidden_size for shape in augment_shapes],
                           _checkpointer(inputs, engine, model))
-    losses = worker.run(run_units(inputs, source.evaluations), inputs.first_step, on_report)
+    losses = worker.run(run_units(inputs, source.evaluations), on_report)
     return {"role": groups.role.name, "losses": losses, "engine": engine, "optimizer": optimizer, "model": model}
 
 
