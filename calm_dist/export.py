@@ -41,7 +41,7 @@ def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augme
     """The composed model of an export; the base models come from the recorded paths unless given.
     With ``verify`` their weights must match the recorded sha256 (ValueError otherwise)."""
     from calm_dist.identity import weights_checksum
-    from calm_dist.train.base_models import load_pretrained
+    from calm_dist.train.models import load_causal_lm
 
     path = Path(path)
     if not (path / INFO).is_file():
@@ -54,7 +54,7 @@ def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augme
         if verify and weights_checksum(model_dir) != recorded["sha256"]:
             raise ValueError(f"the {side} model at {model_dir} is not the one this composition was trained with "
                              f"(sha256 {recorded['sha256'][:12]}…); pass the original weights")
-        models[side] = load_pretrained(model_dir, side)
+        models[side] = load_causal_lm(model_dir, side)
     model = _composed(models, info)
     from safetensors.torch import load_file
 
@@ -65,7 +65,8 @@ def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augme
 def _composed(models: dict, info: dict) -> CALMModel:
     """The export's composition over its base models: one augmenting model, or several (``bridge_sources``
     names each bridge's model, model ``m`` being ``models[dir_key(m)]``)."""
-    from calm_dist.train.augmenting_models import dir_key
+    def dir_key(model: int) -> str:
+        return "augment" if model == 0 else f"augment_{model}"
 
     pairs = [tuple(pair) for pair in info["connections"]]
     sources = info.get("bridge_sources") or [0] * len(pairs)

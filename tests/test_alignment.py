@@ -200,8 +200,7 @@ def test_misused_alignment_inputs_raise_clear_errors():
                    anchor_end_offsets=anchor.end_offsets)
     with pytest.raises(ValueError, match="one \\[batch, length\\] shape"):
         AugmentInput(own[0].input_ids, own[0].attention_mask[:, :1], own[0].end_offsets)
-    with pytest.raises(ValueError, match="shared_tokenizer=False"):
-        calm_dist.compose(tiny_model("llama", 48, 3, 6, vocab=len(ANCHOR_TOKENIZER)),
-                          tiny_model("gpt2", 32, 4, 4, vocab=len(TOKENIZERS["chunks of 3"])), every_n=2)
+    with pytest.raises(ValueError, match=r"augmenting models \[0, 1\] have their own tokenizer"):
+        model(anchor.input_ids, anchor.attention_mask)
     with pytest.raises(ValueError, match="expected 2 entries"):
         generate_text(model, ANCHOR_TOKENIZER, [None], ["ab"], 2)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from calm_dist.checkpoint import CheckpointStore, checkpoint_name
-from calm_dist.config import load_config
 from calm_dist.train.report import read_jsonl
 from launcher.simulated_cluster import FAST_NODE_DEATH, simulated_cluster
+from tests.user_project import generic_config
 
 pytestmark = pytest.mark.timeout(420)
 NODES = [{"num_cpus": 1, "resources": {"anchor": 1}}, {"num_cpus": 1, "resources": {"anchor": 1}},
@@ -23,14 +23,12 @@ STEPS, EVERY = 40, 4
 
 
 @pytest.fixture(scope="module")
-def base_config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("elastic")
-    return load_config("configs/tiny.yaml", [
-        f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}", f"train.max_steps={STEPS}",
-        "train.batch_size=8", f"checkpoint.every_steps={EVERY}", "checkpoint.keep=2", "parallel.timeout_s=60",
-        "parallel.anchor_ranks=2", "parallel.augment_stages=1", "parallel.min_anchor_ranks=1",
-        "ray.anchor_resources={anchor: 1}", "ray.augment_resources={augment: 1}", "ray.max_failures=2",
-        "ray.placement_timeout_s=60", "eval.batch_size=32"])
+def base_config(project, tmp_path_factory):
+    return generic_config(project, tmp_path_factory.mktemp("elastic"), "run.launcher=ray", f"train.max_steps={STEPS}",
+                          f"checkpoint.every_steps={EVERY}", "checkpoint.keep=2", "parallel.timeout_s=60",
+                          "eval.every_steps=16", "parallel.anchor_ranks=2", "parallel.min_anchor_ranks=1",
+                          "ray.anchor_resources={anchor: 1}",
+                          "ray.augment_resources={augment: 1}", "ray.max_failures=2", "ray.placement_timeout_s=60")
 
 
 def configured(config, **dotted):
@@ -48,7 +46,11 @@ def run_driver(config) -> Path:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {record["step"]: record["loss"] for record in read_jsonl(run_dir / "metrics.jsonl")}
+    return {record["step"]: record["loss"] for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record}
+
+
+def steps_logged(run_dir: Path) -> int:
+    return sum(1 for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record)
 
 
 def when_steps_logged(run_dir: Path, count: int, action, timeout_s: float = 180) -> threading.Thread:
@@ -56,7 +58,7 @@ def when_steps_logged(run_dir: Path, count: int, action, timeout_s: float = 180)
     def watch():
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if len(read_jsonl(run_dir / "metrics.jsonl")) >= count:
+            if steps_logged(run_dir) >= count:
                 action()
                 return
             time.sleep(0.05)
@@ -93,8 +95,11 @@ def reference(base_config, cluster):
 def assert_continuous_and_equal(run_dir: Path, reference: Path, from_step: int = 1, steps: int = STEPS,
                                 tolerance: float = 1e-5, until_step: int | None = None) -> None:
     got, expected = losses(run_dir), losses(reference)
-    logged = [record["step"] for record in read_jsonl(run_dir / "metrics.jsonl")]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    logged = [record["step"] for record in records if "loss" in record]
     assert logged == list(range(from_step, steps + 1))  # no step twice, none skipped
+    evaluated = [record["step"] for record in records if "eval" in record]
+    assert evaluated == sorted(set(evaluated)) and evaluated[-1] == steps  # each evaluation once
     worst = max(abs(got[step] - expected[step]) for step in got if until_step is None or step <= until_step)
     assert worst <= tolerance, f"largest loss difference to the uninterrupted run: {worst:.2e}"
     final = CheckpointStore(str(run_dir / "checkpoints")).latest()
@@ -155,7 +160,9 @@ def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_pat
 
     assert export_main(["--run", str(reference), "--out", str(tmp_path / "export")]) == 0
     model = calm_dist.load_exported(tmp_path / "export")
-    final = torch.load(reference / "composition.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    final = load_file(str(reference / "composition.safetensors"))
     exported = model.composition_state_dict()
     assert exported.keys() == final.keys()
     for key, value in final.items():
@@ -166,13 +173,17 @@ def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_pat
     assert export_main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_rerunning_a_finished_run_only_evaluates_its_last_checkpoint(base_config, cluster, reference, capsys):
-    before = (reference / "metrics.jsonl").read_text()
-    results = (reference / "results.json").read_text()
+def test_rerunning_a_finished_run_only_evaluates_its_last_checkpoint(base_config, cluster, reference):
+    trained = [record for record in read_jsonl(reference / "metrics.jsonl") if "loss" in record]
+    results = json.loads((reference / "results.json").read_text())
     assert run_driver(configured(base_config, run__name="reference")) == reference
-    assert f"{checkpoint_name(STEPS)} is at train.max_steps={STEPS}: evaluating it" in capsys.readouterr().out
-    assert (reference / "metrics.jsonl").read_text() == before
-    assert (reference / "results.json").read_text() == results  # the same bridges, evaluated again
+    records = read_jsonl(reference / "metrics.jsonl")
+    assert [record for record in records if "loss" in record] == trained  # no step trained again
+    assert [record["step"] for record in records if "eval" in record] == [0, 16, 32, STEPS]
+    again = json.loads((reference / "results.json").read_text())
+    assert again["calm"] == pytest.approx(results["calm"], abs=1e-6)  # the same bridges, evaluated again
+    notes = [e["message"] for e in read_jsonl(reference / "events.jsonl") if e["event"] == "note"]
+    assert any(f"resuming from checkpoint {checkpoint_name(STEPS)}" in note for note in notes)
 
 
 def test_past_max_failures_the_job_stops_naming_its_intact_latest_checkpoint(base_config, cluster):

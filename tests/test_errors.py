@@ -7,12 +7,13 @@ import calm_dist
 from tests.tiny_models import tiny_model
 
 
-def test_vocab_size_mismatch():
+def test_an_embedding_padded_beyond_the_tokenizer_composes():
     anchor = tiny_model("llama")
     augment = tiny_model("gpt2")
-    augment.resize_token_embeddings(60)
-    with pytest.raises(ValueError, match="vocabulary size mismatch"):
-        calm_dist.compose(anchor, augment, every_n=2)
+    augment.resize_token_embeddings(60)  # e.g. 32016 rows for a 32000-token tokenizer
+    model = calm_dist.compose(anchor, augment, every_n=2)
+    ids = torch.randint(3, 48, (2, 5))
+    assert model(ids).logits.shape == (2, 5, 48)
 
 
 @pytest.mark.parametrize("every_n", [0, 5, -1])
@@ -120,3 +121,9 @@ def test_user_errors_are_refused_before_any_worker_naming_the_key(project, tmp_p
     assert not ray.is_initialized()  # the default launcher (ray) never started
     assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl"]  # the earlier run is untouched
     assert (earlier / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_a_model_with_its_own_tokenizer_never_reads_the_anchor_ids():
+    model = calm_dist.compose(tiny_model("llama"), tiny_model("llama", seed=5), every_n=2, shared_tokenizer=False)
+    with pytest.raises(ValueError, match=r"augmenting models \[0\] have their own tokenizer: pass .*augment_inputs"):
+        model(torch.randint(3, 48, (1, 4)))

@@ -1,98 +1,76 @@
 """Several augmenting models on the distributed runtime: config, parity with one process, resume checks."""
 import copy
-import json
+import dataclasses
 
 import pytest
 import torch
 
-from calm_dist.checkpoint import check_resumable, run_identity
+from calm_dist.checkpoint import check_resumable
 from calm_dist.config import load_config
-from calm_dist.distributed.worker import RunInputs
-from calm_dist.train.augmenting_models import dir_key, extra_augment_dirs, planned_world_size
+from launcher.runtime import job_identity, runtime_inputs, world_size
 from tests.dist_helpers import spawn
 from tests.dist_workers import composition_run
-from tests.multi_augment_helpers import prepare_two_augments, single_process_multi
+from tests.user_project import prepared_job, save_second_augment, single_process_run
 
-STEPS = 10
+STEPS = 8
+SECOND_CONNECTIONS = [[2, 0], [0, -1], [1, 1]]  # its last layer (2) is tapped after the final norm
+
+
+def two_augments(project, stages: int = 1) -> str:
+    second = save_second_augment(project)
+    return (f"augment=[{{model: {{path: {project.augment}}}}}, "
+            f"{{model: {{path: {second}}}, connections: {SECOND_CONNECTIONS}, stages: {stages}}}]")
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    return prepare_two_augments(tmp_path_factory.mktemp("multi"), STEPS)
+def job(project, tmp_path_factory):
+    return prepared_job(project, tmp_path_factory.mktemp("multi"), f"train.max_steps={STEPS}", two_augments(project))
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("extra_augments=[{path: /m, stages: 0}]", r"extra_augments\[0\].stages"),
-    ("extra_augments=[{path: /m}, {path: /n, stagez: 1}]", r"extra_augments\[1\].stagez"),
-    ("extra_augments=[{stages: 1}]", r"extra_augments\[0\].path"),
-    ("extra_augments=[{path: /m}, {path: /n, stages: two}]", r"extra_augments\[1\].stages"),
-    ("extra_augments=[{path: /m, connections: [[1]]}]", r"extra_augments\[0\].connections\[0\]"),
-    ("extra_augments=[3]", r"extra_augments\[0\]"),
-])
-def test_bad_extra_augments_name_the_key(override, needle):
-    with pytest.raises(ValueError, match=needle):
-        load_config(None, [override])
+@pytest.fixture(scope="module")
+def reference(job):
+    return single_process_run(job)
 
 
-def test_extra_augments_load_and_size_the_world(tmp_path):
-    extras = f"extra_augments=[{{path: {tmp_path}, stages: 3}}, {{path: /m, connections: [[0, 1]]}}]"
-    config = load_config(None, ["parallel.anchor_ranks=2", "parallel.augment_stages=2", extras])
-    assert [(e.stages, e.connections) for e in config.extra_augments] == [(3, None), (1, [[0, 1]])]
-    assert planned_world_size(config) == 2 + 2 + 3 + 1
-    with pytest.raises(ValueError, match=r"extra_augments\[0\].path.*holds no saved Hugging Face model"):
-        extra_augment_dirs(config)
+def test_several_augmenting_models_size_the_world(project):
+    config = load_config(None, ["parallel.anchor_ranks=2", "parallel.augment_stages=2", two_augments(project, 3)])
+    assert [(a.stages, a.connections) for a in config.augment] == [(None, None), (3, SECOND_CONNECTIONS)]
+    assert world_size(config) == 2 + 2 + 3
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("extra_stages", [1, 2])
-def test_two_augmenting_models_match_the_single_process_composition(prepared, tmp_path, extra_stages):
-    config, task_data, model_dirs = prepared
-    config = copy.deepcopy(config)
-    config.extra_augments[0].stages = extra_stages
-    reference_losses, reference_bridges = single_process_multi(config, task_data, model_dirs)
-    results = spawn(composition_run, planned_world_size(config), (RunInputs(config, task_data, model_dirs),), tmp_path)
-    extra_roles = [f"augment1-stage-{stage}" for stage in range(extra_stages)]
-    assert [r["role"] for r in results] == ["anchor-rank-0", "augment-stage-0", *extra_roles]
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("second_stages", [1, 2])
+def test_two_augmenting_models_match_the_single_process_composition(job, reference, tmp_path, second_stages):
+    reference_losses, reference_evals, reference_bridges = reference
+    inputs = runtime_inputs(job)
+    inputs = dataclasses.replace(inputs, augments=(inputs.augments[0],
+                                                   dataclasses.replace(inputs.augments[1], stages=second_stages)))
+    results = spawn(composition_run, inputs.world_size, (inputs,), tmp_path)
+    second_roles = [f"augment1-stage-{stage}" for stage in range(second_stages)]
+    assert [r["role"] for r in results] == ["anchor-rank-0", "augment-stage-0", *second_roles]
     losses = results[0]["losses"]
-    print(f"1 anchor rank + 1 + {extra_stages} stages: max |distributed - single-process| loss over {STEPS} steps: "
+    print(f"1 anchor rank + 1 + {second_stages} stages: max |distributed - single-process| loss over {STEPS} steps: "
           f"{max(abs(a - b) for a, b in zip(losses, reference_losses)):.2e}")
     assert len(losses) == len(reference_losses) == STEPS and reference_losses[0] != reference_losses[-1]
     assert max(abs(a - b) for a, b in zip(losses, reference_losses)) <= 1e-4
-    assert len(reference_bridges) == len(results[0]["bridges"])  # 3 + 3 bridges' weights
+    assert len(reference_bridges) == len(results[0]["bridges"])
     for name, tensor in reference_bridges.items():
         assert torch.allclose(results[0]["bridges"][name], tensor, atol=1e-5), name
     assert all(result["bytes_sent"] > 0 for result in results[2:])
 
 
-def test_resume_refuses_a_changed_or_added_extra_augment(prepared):
-    config, _, model_dirs = prepared
-    identity = run_identity(config, model_dirs)
-    assert set(identity["base_models"]) == {"anchor", "augment", dir_key(1)}
-    meta = json.loads(json.dumps({"step": 4, **identity}))
+def test_resume_refuses_a_changed_added_or_rewired_augmenting_model(job, project, tmp_path):
+    identity = job_identity(job)
+    assert set(identity["base_models"]) == {"anchor", "augment", "augment_1"}
+    meta = {"step": 4, **copy.deepcopy(identity)}
     check_resumable(meta, identity)
-    meta["base_models"][dir_key(1)]["sha256"] = "0" * 64
+    meta["base_models"]["augment_1"]["sha256"] = "0" * 64
     with pytest.raises(ValueError, match="augment_1 model .*sha256 000000000000"):
         check_resumable(meta, identity)
-    single = {"step": 4, **run_identity(config, {k: v for k, v in model_dirs.items() if k != dir_key(1)})}
+    single = job_identity(prepared_job(project, tmp_path, f"train.max_steps={STEPS}"))
     with pytest.raises(ValueError, match=r"base models \['anchor', 'augment'\], this run has"):
-        check_resumable(single, identity)
+        check_resumable({"step": 4, **single}, identity)
     rewired = copy.deepcopy(identity)
-    rewired["config"]["extra_augments"][0]["connections"] = [[0, 0]]
-    with pytest.raises(ValueError, match=r"extra_augments\[0\].connections"):
+    rewired["composition"]["connections"][1] = [[0, 0]]
+    with pytest.raises(ValueError, match="the composition"):
         check_resumable({"step": 4, **identity}, rewired)
-
-
-def test_local_launcher_composes_every_augmenting_model(prepared, tmp_path):
-    """run.launcher=local takes extra_augments too: one process, the same per-step losses."""
-    from calm_dist.train.job import run_job
-
-    config, task_data, model_dirs = prepared
-    local = copy.deepcopy(config)
-    local.run.launcher, local.run.output_dir, local.run.threads = "local", str(tmp_path), 1
-    run_dir = run_job(local)
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    reference, _ = single_process_multi(config, task_data, model_dirs)
-    assert losses == pytest.approx(reference, abs=1e-4)
-    summary = json.loads((run_dir / "run_summary.json").read_text())
-    assert set(summary["base_models"]) == {"anchor", "augment", "augment_1"}
-    assert len(summary["connections"]) == len(config.composition.connections) + len(config.extra_augments[0].connections)

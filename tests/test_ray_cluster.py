@@ -5,12 +5,9 @@ import time
 import pytest
 import torch
 
-from calm_dist.config import load_config
-from calm_dist.distributed.worker import RunInputs
-from calm_dist.train.pretrain import ensure_base_models
-from calm_dist.train.task_data import prepare_task_data
+from launcher.runtime import runtime_inputs
 from launcher.simulated_cluster import simulated_cluster
-from tests.test_distributed_parity import single_process
+from tests.user_project import prepared_job, single_process_run
 
 pytestmark = pytest.mark.timeout(400)
 NODES = [{"num_cpus": 1, "resources": {"anchor": 1}}, {"num_cpus": 1, "resources": {"anchor": 1}},
@@ -18,14 +15,9 @@ NODES = [{"num_cpus": 1, "resources": {"anchor": 1}}, {"num_cpus": 1, "resources
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    config = load_config("configs/tiny.yaml", [
-        f"run.cache_dir={cache}", "train.max_steps=6", "train.batch_size=8", "parallel.timeout_s=90",
-        "composition.connections=[[0, -1], [1, 0], [1, 1]]", "parallel.anchor_ranks=2", "parallel.augment_stages=1",
-        "ray.anchor_resources={anchor: 1}", "ray.augment_resources={augment: 1}"])
-    task_data = prepare_task_data(config)
-    return config, task_data, ensure_base_models(config, task_data)
+def job(project, tmp_path_factory):
+    return prepared_job(project, tmp_path_factory.mktemp("ray"), "parallel.timeout_s=90", "parallel.anchor_ranks=2",
+                        "ray.anchor_resources={anchor: 1}", "ray.augment_resources={augment: 1}")
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +26,32 @@ def cluster():
         yield running
 
 
-def test_roles_are_placed_by_resource_and_match_the_single_process_loss(prepared, cluster, tmp_path):
+def test_roles_are_placed_by_resource_and_match_the_single_process_run(job, cluster):
+    from calm_dist.reports import EvalReport, StepReport
     from launcher.ray_cluster import reserve
     from launcher.ray_driver import run_composition_on_ray
 
-    config, task_data, model_dirs = prepared
     reports = []
-    outcome = run_composition_on_ray(config, RunInputs(config, task_data, model_dirs, tmp_path), reports.append,
-                                     reserve(config))
+    outcome = run_composition_on_ray(job.config, runtime_inputs(job), reports.append, reserve(job.config))
     nodes = [node_id for node_id, _, _ in outcome["placement"]]
     assert nodes[0] != nodes[1] and nodes[2] not in nodes[:2]
     node_resources = {node["NodeID"]: node["Resources"] for node in __import__("ray").nodes()}
     assert node_resources[nodes[0]].get("anchor") and node_resources[nodes[1]].get("anchor")
     assert node_resources[nodes[2]].get("augment")
-    reference, _ = single_process(config, task_data, model_dirs)
+    reference, reference_evals, _ = single_process_run(job)
     losses = outcome["result"]["losses"]
-    assert [r.step for r in reports] == list(range(1, 7))  # the driver saw every step
+    assert [r.step for r in reports if isinstance(r, StepReport)] == list(range(1, 7))  # the driver saw every step
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-4
+    evaluations = {(r.step, r.name): r for r in reports if isinstance(r, EvalReport)}
+    assert set(evaluations) == set(reference_evals) == {(0, "eval"), (6, "eval")}
+    assert max(abs(evaluations[key].loss - reference_evals[key].loss) for key in evaluations) <= 1e-5
     assert set(outcome["result"]["bridges"]) and all(torch.isfinite(t).all() for t in outcome["result"]["bridges"].values())
 
 
-def test_infeasible_plan_fails_fast_naming_what_is_missing(prepared, cluster, tmp_path):
+def test_infeasible_plan_fails_fast_naming_what_is_missing(job, cluster):
     from launcher.ray_cluster import check_feasible
 
-    config = copy.deepcopy(prepared[0])
+    config = copy.deepcopy(job.config)
     config.parallel.anchor_ranks = 3
     started = time.perf_counter()
     with pytest.raises(ValueError, match="anchor"):
@@ -68,7 +62,7 @@ def test_infeasible_plan_fails_fast_naming_what_is_missing(prepared, cluster, tm
     assert time.perf_counter() - started < 10
 
 
-def test_worker_processes_are_named_after_their_role(prepared, cluster):
+def test_worker_processes_are_named_after_their_role(cluster):
     import ray
 
     from launcher.ray_cluster import worker_class

@@ -48,9 +48,11 @@ class CALMModel(nn.Module):
     """
 
     def __init__(self, anchor: nn.Module, augment, connections, augment_shape: ModelShape | Sequence[ModelShape],
-                 relative_scale: bool = False):
+                 relative_scale: bool = False, own_tokenizer: Sequence[bool] | None = None):
         super().__init__()
         augments, per_model_connections, shapes = _augment_specs(augment, connections, augment_shape)
+        # Models with a tokenizer of their own read their own tokenisation (augment_inputs), never the anchor's ids.
+        self.own_tokenizer = list(own_tokenizer) if own_tokenizer is not None else [False] * len(shapes)
         self.anchor = freeze(anchor)
         self._anchor_slices_logits = "logits_to_keep" in inspect.signature(anchor.forward).parameters
         self.augments = nn.ModuleList(freeze(model) for model in augments) if augments[0] is not None else augments
@@ -142,10 +144,15 @@ class CALMModel(nn.Module):
         """One entry per augmenting model, on the anchor's device; ValueError for unusable inputs."""
         count = len(self.augment_shapes)
         if augment_inputs is None:
-            return [None] * count
+            augment_inputs = [None] * count
         if len(augment_inputs) != count:
             raise ValueError(f"augment_inputs: expected {count} entries (one per augmenting model, None = "
                              f"reads the anchor's ids), got {len(augment_inputs)}")
+        needing = [index for index, (own, given) in enumerate(zip(self.own_tokenizer, augment_inputs))
+                   if own and given is None]
+        if needing and self.augments[0] is not None:
+            raise ValueError(f"augmenting models {needing} have their own tokenizer: pass their tokenisation of the "
+                             "same texts as augment_inputs (see calm_dist.model.alignment.token_end_offsets)")
         if all(own is None for own in augment_inputs):
             return list(augment_inputs)
         if caches is not None:
@@ -277,14 +284,14 @@ class CompositionSpec:
 
 def build_calm(anchor: nn.Module, augments: Sequence[nn.Module] | None, augment_shapes: Sequence[ModelShape],
                connections: Sequence[Sequence[tuple[int, int]]], *, relative_scale: bool = False,
-               seed: int | None = None) -> CALMModel:
+               seed: int | None = None, own_tokenizer: Sequence[bool] | None = None) -> CALMModel:
     """The one constructor every path uses: the single-process model, every anchor rank (``augments=None``:
     their states arrive over the wire) and every export. ``connections`` holds one resolved list of pairs
     per augmenting model. With ``seed``, the bridges' initial weights depend on it alone, not on the
     global RNG."""
     def build():
         return CALMModel(anchor, None if augments is None else list(augments), [list(p) for p in connections],
-                         list(augment_shapes), relative_scale)
+                         list(augment_shapes), relative_scale, own_tokenizer)
 
     if seed is None:
         return build()
@@ -333,9 +340,11 @@ def compose(
     the anchor's per-token hidden-state RMS there (detached), so one optimizer step perturbs every
     layer by a similar fraction; the default is the paper's plain residual.
 
-    ``shared_tokenizer`` (one flag, or one per augmenting model): True requires the model to read
-    the anchor's token ids (equal vocabulary sizes). False lets it have its own tokenizer; pass its
-    tokenisation of the same texts to forward/step as ``augment_inputs`` (see ``alignment.py``).
+    ``shared_tokenizer`` (one flag, or one per augmenting model): True feeds the model the anchor's
+    token ids, so both must use one tokenizer (their embedding sizes may differ: models are often
+    padded beyond their tokenizer; ``calm_dist.train.models.tokenizer_difference`` compares two
+    tokenizers). False lets it have its own tokenizer; pass its tokenisation of the same texts to
+    forward/step as ``augment_inputs`` (see ``alignment.py``).
     ``seed`` makes the bridges' initial weights depend on it alone (default: the global RNG).
     """
     several = isinstance(augment, (list, tuple))
@@ -348,22 +357,10 @@ def compose(
                          f"got {len(shares)}")
     anchor_shape = model_shape(anchor)
     shapes = [model_shape(model) for model in augments]
-    for index, (shape, shared) in enumerate(zip(shapes, shares)):
-        if shared:
-            check_vocabularies(anchor_shape, shape, f"augmenting model {index}" if several else "augmenting model")
     if several:
         per_model = resolve_per_model_connections([shape.num_layers for shape in shapes], anchor_shape.num_layers,
                                                   every_n, connections)
     else:
         per_model = [resolve_connections(shapes[0].num_layers, anchor_shape.num_layers, every_n, connections)]
-    return build_calm(anchor, augments, shapes, per_model, relative_scale=relative_scale, seed=seed)
-
-
-def check_vocabularies(anchor_shape: ModelShape, augment_shape: ModelShape, name: str = "augmenting model") -> None:
-    if anchor_shape.vocab_size != augment_shape.vocab_size:
-        raise ValueError(
-            f"vocabulary size mismatch: anchor has {anchor_shape.vocab_size} tokens, {name} "
-            f"{augment_shape.vocab_size}. Both models must read the same token ids (one tokenizer), "
-            "unless the augmenting model has its own tokenizer: then compose with shared_tokenizer=False "
-            "and pass its tokenisation as augment_inputs."
-        )
+    return build_calm(anchor, augments, shapes, per_model, relative_scale=relative_scale, seed=seed,
+                      own_tokenizer=[not shared for shared in shares])
