@@ -142,6 +142,25 @@ def actor_options(bundle: dict[str, float]) -> dict:
     return options
 
 
+@ray.remote(num_cpus=0)
+def _missing_paths(paths: list[str]) -> tuple[str, list[str]]:
+    return ray.util.get_node_ip_address(), [path for path in paths if not os.path.exists(path)]
+
+
+def check_paths_on_every_node(group, bundles: int, paths: list[str]) -> None:
+    """ValueError naming the first path a node of the placement group cannot see, before any worker starts.
+    The driver resolved every path to an absolute one on its own machine; every worker reads the same."""
+    probes = [_missing_paths.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=group, placement_group_bundle_index=index)).remote(paths) for index in range(bundles)]
+    for node, missing in ray.get(probes):
+        if missing:
+            raise ValueError(
+                f"node {node} does not see {missing[0]} (nor {len(missing) - 1} more of the run's paths): on a "
+                "multi-node cluster the model paths, run.cache_dir (the tokenised data), run.output_dir and "
+                "checkpoint.dir must be on a filesystem every node mounts at the same absolute path "
+                "(checkpoint.dir may also be an s3:// URI); relative paths are resolved on the driver's machine")
+
+
 def start_workers(config: Config, group, role_names: list[str]) -> list:
     actors = []
     for index, (name, bundle) in enumerate(zip(role_names, role_bundles(config))):

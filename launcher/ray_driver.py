@@ -103,12 +103,14 @@ def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
     from ray.util.queue import Queue
 
     from calm_dist.distributed.worker import plan
-    from launcher.ray_cluster import start_workers
+    from launcher.ray_cluster import check_paths_on_every_node, start_workers
+    from launcher.runtime import shared_paths
 
     queue = None
     try:
         topology, _ = plan(inputs)
         names = [topology.role_of(rank).name for rank in range(topology.world_size)]
+        check_paths_on_every_node(group, topology.world_size, shared_paths(inputs))
         actors = start_workers(config, group, names)
         _, master_ip, master_port = ray.get(actors[0].node_address.remote())
         queue = Queue(actor_options={"num_cpus": 0})
@@ -139,6 +141,8 @@ def run_ray_job(config: Config) -> Path:
     embedded = connect(config)
     check_feasible(config)
     run_dir = open_run_dir(job)
+    if inputs.checkpoints is not None and "://" not in inputs.checkpoints:
+        Path(inputs.checkpoints).mkdir(parents=True, exist_ok=True)  # so every node can be asked whether it sees it
     timer.mark("data")
     extra = {"launcher": "ray", "placement": {"embedded": embedded}}
     logger = StepLogger(run_dir, config.train.max_steps)

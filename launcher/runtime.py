@@ -1,6 +1,8 @@
 """From a prepared job to the distributed runtime's inputs, and back to the job's results."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from calm_dist.checkpoint import prepare_checkpointing, run_identity
 from calm_dist.config import Config, augment_stages, stages_key, to_dict
 from calm_dist.distributed.worker import AugmentModelInputs, RunInputs, RuntimeData, plan
@@ -25,15 +27,32 @@ def job_identity(job: PreparedJob) -> dict:
                         to_dict(job.config), str(job.models.tokenizer_dir))
 
 
+def _absolute(path) -> str:
+    return str(Path(path).resolve())
+
+
 def runtime_inputs(job: PreparedJob, checkpoints: str | None = None, identity: dict | None = None,
                    resume=None) -> RunInputs:
+    """Every path absolute, resolved once here: each worker reads exactly these."""
     config = job.config
-    augments = tuple(AugmentModelInputs(str(path), augment_stages(config, index), stages_key(config, index))
+    augments = tuple(AugmentModelInputs(_absolute(path), augment_stages(config, index), stages_key(config, index))
                      for index, path in enumerate(job.models.augment_dirs))
-    data = RuntimeData(str(job.data.train), {name: str(job.data.eval_dir(name)) for name in job.data.eval_names},
-                       job.data.pad_id)
+    data = RuntimeData(_absolute(job.data.train),
+                       {name: _absolute(job.data.eval_dir(name)) for name in job.data.eval_names}, job.data.pad_id)
+    if checkpoints is not None and "://" not in checkpoints:
+        checkpoints = _absolute(checkpoints)
     return RunInputs(config.train, config.eval, config.parallel, config.deepspeed, config.checkpoint, config.run.seed,
-                     str(job.models.anchor_dir), augments, job.models.composition, data, checkpoints, identity, resume)
+                     _absolute(job.models.anchor_dir), augments, job.models.composition, data, checkpoints, identity,
+                     resume)
+
+
+def shared_paths(inputs: RunInputs) -> list[str]:
+    """What every worker must see at the same path."""
+    paths = [inputs.anchor_path, *(model.path for model in inputs.augments), inputs.data.train,
+             *inputs.data.evals.values()]
+    if inputs.checkpoints is not None and "://" not in inputs.checkpoints:
+        paths.append(inputs.checkpoints)
+    return paths
 
 
 def prepare_runtime(job: PreparedJob) -> tuple[RunInputs, object]:
@@ -49,5 +68,5 @@ def resumed_note(point) -> str:
     return (f"resuming from checkpoint {point.name} (step {point.step}, written by {point.saved_ranks} anchor ranks)")
 
 
-__all__ = ["base_model_dirs", "job_identity", "prepare_runtime", "resumed_note", "runtime_inputs",
+__all__ = ["shared_paths", "base_model_dirs", "job_identity", "prepare_runtime", "resumed_note", "runtime_inputs",
            "world_size"]

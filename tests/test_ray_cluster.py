@@ -74,3 +74,17 @@ def test_worker_processes_are_named_after_their_role(cluster):
         title = handle.read().replace(b"\0", b" ").decode()
     assert "AnchorRank1" in title
     ray.kill(actor)
+
+
+def test_a_path_a_node_does_not_see_is_refused_before_any_worker(job, cluster, tmp_path):
+    import ray
+
+    from launcher.ray_cluster import check_paths_on_every_node, reserve
+
+    group = reserve(job.config)
+    try:
+        check_paths_on_every_node(group, 3, [str(tmp_path)])
+        with pytest.raises(ValueError, match=rf"node 127\.0\.0\.\d does not see {tmp_path / 'elsewhere'}.*run.cache_dir"):
+            check_paths_on_every_node(group, 3, [str(tmp_path), str(tmp_path / "elsewhere")])
+    finally:
+        ray.util.remove_placement_group(group)
