@@ -66,7 +66,7 @@ def kill_anchor_rank_1_at(metrics: Path, step: int, killed: list) -> None:
 
 def measure(work: Path, steps: int, kill_step: int) -> dict:
     from calm_dist.train.report import read_jsonl
-    from launcher.ray_driver import run_ray_job
+    from launcher.ray_job import run_ray_job
     from launcher.simulated_cluster import FAST_NODE_DEATH, simulated_cluster
 
     config = job_config(work, steps)

@@ -1,5 +1,5 @@
-"""The Ray job driver: joins the cluster ($RAY_ADDRESS, as `ray job submit` sets it) or starts an
-embedded local Ray, places the roles, streams one progress bar and metrics, evaluates the result."""
+"""Ray for a composition run: joins the cluster ($RAY_ADDRESS, as `ray job submit` sets it) or starts an
+embedded local Ray, starts one actor per rank in a reserved placement group, streams their reports."""
 from __future__ import annotations
 
 import os
@@ -125,37 +125,3 @@ def run_composition_on_ray(config: Config, inputs, on_report, group) -> dict:
         if queue is not None:
             queue.shutdown(force=True)
         remove_placement_group(group)
-
-
-def run_ray_job(config: Config) -> Path:
-    """The job through Ray: checks and data in the driver, composition and evaluation on Ray workers."""
-    from calm_dist.train.job import Timer, open_run_dir, prepare_job, write_results
-    from launcher.elastic import run_elastic
-    from launcher.ray_cluster import check_feasible
-    from launcher.reporting import StepLogger
-    from launcher.runtime import prepare_runtime
-
-    timer = Timer()
-    job = prepare_job(config)
-    inputs, store = prepare_runtime(job)
-    embedded = connect(config)
-    check_feasible(config)
-    run_dir = open_run_dir(job)
-    if inputs.checkpoints is not None and "://" not in inputs.checkpoints:
-        Path(inputs.checkpoints).mkdir(parents=True, exist_ok=True)  # so every node can be asked whether it sees it
-    timer.mark("data")
-    extra = {"launcher": "ray", "placement": {"embedded": embedded}}
-    logger = StepLogger(run_dir, config.train.max_steps)
-    try:
-        outcome = run_elastic(config, inputs, logger, store)
-    finally:
-        logger.close()
-    nodes = [node_id for node_id, _, _ in outcome["placement"]]
-    print(f"placement ({'embedded local Ray' if embedded else 'cluster'}): "
-          + ", ".join(f"rank {rank} on node {node[:8]}" for rank, node in enumerate(nodes)), flush=True)
-    extra["placement"]["nodes_by_rank"] = nodes
-    extra["restarts"] = outcome["restarts"]
-    timer.mark("composition")
-    results = write_results(job, outcome["result"]["bridges"], timer, extra)
-    print(results.table(), flush=True)
-    return run_dir

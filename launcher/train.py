@@ -47,7 +47,7 @@ def run(config, recipe=None) -> Path | None:
     if recipe is not None:
         config = recipe.prepare(config)
     if config.run.launcher == "ray":
-        from launcher.ray_driver import run_ray_job
+        from launcher.ray_job import run_ray_job
 
         run_dir = run_ray_job(config)
     else:

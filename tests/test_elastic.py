@@ -40,7 +40,7 @@ def configured(config, **dotted):
 
 
 def run_driver(config) -> Path:
-    from launcher.ray_driver import run_ray_job
+    from launcher.ray_job import run_ray_job
 
     return run_ray_job(config)
 

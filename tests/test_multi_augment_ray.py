@@ -22,7 +22,7 @@ NODES = [{"num_cpus": 1, "resources": {"anchor": 1}}, {"num_cpus": 1, "resources
 def test_two_augmenting_models_train_on_ray_and_a_changed_one_is_not_resumed(project, tmp_path):
     import ray
 
-    from launcher.ray_driver import run_ray_job
+    from launcher.ray_job import run_ray_job
 
     config = generic_config(project, tmp_path, "run.launcher=ray", f"train.max_steps={STEPS}", "checkpoint.every_steps=3",
                             two_augments(project), "ray.anchor_resources={anchor: 1}",

@@ -61,7 +61,7 @@ def test_balance_is_contiguous_complete_and_optimal(sizes, stages):
 def _two_models(world_size=6):
     return plan_models_topology(world_size, 2, [
         AugmentSpec(2, (10,) * 4, (1, 3, 1), "parallel.augment_stages"),
-        AugmentSpec(2, (5,) * 3, (1, 0), "extra_augments[0].stages")])
+        AugmentSpec(2, (5,) * 3, (1, 0), "augment[1].stages")])
 
 
 def test_each_augmenting_model_gets_its_own_stage_ranks_after_the_anchor_ranks():
@@ -87,11 +87,11 @@ def test_tag_slots_are_distinct_across_models_and_each_bridge_reads_its_models_s
 
 
 def test_a_multi_model_plan_names_the_key_at_fault():
-    with pytest.raises(ValueError, match=r"extra_augments\[0\].stages \(2\); launch 6"):
+    with pytest.raises(ValueError, match=r"augment\[1\].stages \(2\); launch 6"):
         _two_models(world_size=5)
-    with pytest.raises(ValueError, match=r"extra_augments\[0\].stages=3 must be between 1 and the 2"):
+    with pytest.raises(ValueError, match=r"augment\[1\].stages=3 must be between 1 and the 2"):
         plan_models_topology(6, 1, [AugmentSpec(2, (1,) * 4, (3,), "parallel.augment_stages"),
-                                    AugmentSpec(3, (1,) * 4, (1,), "extra_augments[0].stages")])
+                                    AugmentSpec(3, (1,) * 4, (1,), "augment[1].stages")])
     too_many = [AugmentSpec(1, (1,) * 40, tuple(range(40)), key) for key in ("a", "b")]
     with pytest.raises(ValueError, match="80 distinct tapped augment layers"):
         plan_models_topology(3, 1, too_many)
