@@ -103,8 +103,7 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None) -
         if restarts:
             restarts[-1].update(resumed_step=point.step if point else 0, anchor_ranks=ranks)
         if restarts or point is not None:  # records after the point of restart are replaced
-            resumed = point.step if point else 0
-            logger.rewind(resumed, evaluates_again=resumed == 0 or resumed >= config.train.max_steps)
+            logger.resume_at(point, store, config.train.max_steps)
         if point is not None:
             logger.note(f"resuming from checkpoint {point.name} (step {point.step}, written by {point.saved_ranks} "
                         f"anchor ranks) on {ranks} anchor ranks")

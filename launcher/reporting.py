@@ -7,7 +7,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from calm_dist.reports import CheckpointReport, EvalReport, StepReport
-from calm_dist.train.report import EventLog, MetricsLogger
+from calm_dist.train.report import EventLog, MetricsLogger, read_jsonl
+
+
+def _record_key(record: dict) -> tuple:
+    return ("eval", record["eval"], record["step"]) if "eval" in record else ("step", record["step"])
 
 
 class StepLogger:
@@ -43,6 +47,29 @@ class StepLogger:
         self.metrics.rewind(step, evaluates_again)
         self.bar.n = step
         self.bar.refresh()
+
+    def resume_at(self, point, store, max_steps: int) -> None:
+        """Training restarts from checkpoint ``point`` (None: from the start). Records after it are dropped;
+        records up to it that metrics.jsonl lacks (a driver that died before logging them) are restored from
+        the checkpoints, which carry every record reported since the checkpoint before them."""
+        step = point.step if point is not None else 0
+        evaluates_again = step == 0 or step >= max_steps
+        self.rewind(step, evaluates_again)
+        if point is None:
+            return
+        logged = {_record_key(record) for record in read_jsonl(self.metrics.path)}
+        restored: list[dict] = []
+        for name in reversed([n for n in store.complete() if n <= point.name]):
+            records = [r for r in store.meta(name).get("records", []) if r["step"] <= step
+                       and not (evaluates_again and "eval" in r and r["step"] == step)]
+            restored = [r for r in records if _record_key(r) not in logged] + restored
+            if not records or all(_record_key(r) in logged for r in records[:1]):
+                break  # this checkpoint's records reach back to what was logged
+        for record in restored:
+            self.metrics.log(record)
+        if restored:
+            self.note(f"restored {len(restored)} records up to step {step} from the checkpoints "
+                      "(the driver that trained them stopped before logging them)")
 
     def close(self) -> None:
         self.bar.close()

@@ -53,7 +53,9 @@ def run_torchrun_job(config: Config, recipe=None) -> Path | None:
         inputs = _receive(store)
     logger = StepLogger(job.run_dir, config.train.max_steps) if job is not None else None
     if logger is not None and inputs.resume is not None:
-        logger.rewind(inputs.resume.step, evaluates_again=inputs.resume.step >= config.train.max_steps)
+        from calm_dist.checkpoint import CheckpointStore
+
+        logger.resume_at(inputs.resume, CheckpointStore(inputs.resume.store_uri), config.train.max_steps)
         logger.note(resumed_note(inputs.resume))
     try:
         result = run_worker(inputs, rank, world_size, store, on_report=logger)

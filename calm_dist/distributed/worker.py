@@ -124,10 +124,12 @@ def _checkpointer(inputs: RunInputs, engine, model):
     meta = {**(inputs.checkpoint_meta or {}), "connections": [list(pair) for pair in model.connections],
             "bridge_sources": list(model.bridge_sources)}
 
-    def after_step(step: int, reader_position: dict) -> str | None:
+    def after_step(step: int, reader_position: dict, records: list[dict]):
+        from calm_dist.distributed.anchor_worker import CheckpointWrite
+
         if step % every and step != last:
             return None
-        return save_checkpoint(engine, store, step, reader_position, meta, keep)
+        return CheckpointWrite(save_checkpoint(engine, store, step, reader_position, {**meta, "records": records}, keep))
 
     return after_step
 
