@@ -13,20 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass
-class ProjectedKV:
-    """Projected keys/values of one bridge, grown by one chunk per forward during generation."""
-
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is not None:
-            keys = torch.cat([self.keys, keys], dim=2)
-            values = torch.cat([self.values, values], dim=2)
-        self.keys, self.values = keys, values
-        return keys, values
+from calm_dist.model.cache import ProjectedKV
 
 
 @dataclass
@@ -39,10 +26,21 @@ class CrossMask:
 
     allowed: torch.Tensor  # [B, 1, Q, S] bool: anchor query q may read augment position s
     query_has_key: torch.Tensor  # [B, 1, Q, 1] bool: rows with at least one allowed key
+    _additive: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_allowed(cls, allowed: torch.Tensor) -> "CrossMask":
         return cls(allowed, allowed.any(dim=-1, keepdim=True))
+
+    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The mask as SDPA adds it (0 where allowed, the dtype's minimum elsewhere), made once per forward
+        for all the bridges that read this model."""
+        key = (dtype, device)
+        if key not in self._additive:
+            blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+            self._additive[key] = torch.where(self.allowed.to(device), torch.zeros((), dtype=dtype, device=device),
+                                              blocked)
+        return self._additive[key]
 
 
 @dataclass
@@ -85,7 +83,7 @@ class CrossAttentionBridge(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_memory(self, augment_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memory = self.proj(augment_hidden.to(self.proj.weight.dtype))
+        memory = self.proj(augment_hidden.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype))
         return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
 
     def forward(self, hidden: torch.Tensor, bridge_input: BridgeInput):
@@ -93,11 +91,9 @@ class CrossAttentionBridge(nn.Module):
         if bridge_input.cache is not None:
             keys, values = bridge_input.cache.extend(keys, values)
         queries = self._heads(self.q_proj(hidden.to(self.q_proj.weight.dtype)))
-        zero = torch.zeros((), dtype=queries.dtype, device=queries.device)
-        blocked = torch.full((), torch.finfo(queries.dtype).min, dtype=queries.dtype, device=queries.device)
-        mask = torch.where(bridge_input.mask.allowed, zero, blocked)
+        mask = bridge_input.mask.additive(queries.dtype, queries.device)
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        attended = attended * bridge_input.mask.query_has_key.to(attended.dtype)
+        attended = attended * bridge_input.mask.query_has_key.to(device=attended.device, dtype=attended.dtype)
         batch, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         output = self.o_proj(attended)

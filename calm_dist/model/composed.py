@@ -9,7 +9,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from calm_dist.model.alignment import AugmentInput, aligned_allowed
 from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
-from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask, ProjectedKV
+from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask
+from calm_dist.model.cache import CALMCache, ProjectedKV, growing_cache
 from calm_dist.model.connections import resolve_connections, resolve_per_model_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
 from calm_dist.model.loss import causal_lm_loss
@@ -165,12 +166,12 @@ class CALMModel(nn.Module):
                 masks.append(CrossMask.from_allowed(allowed))
         return masks
 
-    def step(self, input_ids, attention_mask, *, caches=None, augment_states=None, logits_to_keep=0,
-             augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None):
+    def step(self, input_ids, attention_mask, *, caches: CALMCache | None = None, augment_states=None,
+             logits_to_keep=0, augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None):
         """One forward over new tokens ``input_ids`` given the full ``attention_mask`` so far.
 
-        ``caches`` (generation) is a dict with the anchor's HF cache, one HF cache per augmenting
-        model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
+        ``caches`` (generation, from ``new_caches``) holds the anchor's HF cache, one HF cache per
+        augmenting model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
         ``augment_inputs`` (one per augmenting model, None = reads the anchor's ids) gives models
         with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
         ``anchor_end_offsets`` ``[B, T]`` (see ``alignment.py``), and the forward must be a full one.
@@ -178,15 +179,15 @@ class CALMModel(nn.Module):
         past_len = attention_mask.shape[-1] - input_ids.shape[-1]
         position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
         augment_inputs = self._checked_augment_inputs(augment_inputs, anchor_end_offsets, attention_mask, caches)
-        caches = caches or {}
         if augment_states is None:
             augment_states = self.augment_hidden_states(
-                input_ids, attention_mask, position_ids, caches.get("augments"), augment_inputs
+                input_ids, attention_mask, position_ids, caches.augments if caches is not None else None,
+                augment_inputs,
             )
         if len(augment_states) != len(self.bridges):
             raise ValueError(f"expected {len(self.bridges)} augment states (one per bridge), got {len(augment_states)}")
         masks = self._cross_masks(attention_mask, past_len, input_ids.shape[-1], augment_inputs, anchor_end_offsets)
-        bridge_caches = caches.get("bridges") or [None] * len(self.bridges)
+        bridge_caches = caches.bridges if caches is not None else [None] * len(self.bridges)
         context = CompositionContext([
             BridgeInput(state, masks[source], cache)
             for state, source, cache in zip(augment_states, self.bridge_sources, bridge_caches)
@@ -196,8 +197,8 @@ class CALMModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=caches.get("anchor"),
-            use_cache="anchor" in caches,
+            cache=caches.anchor if caches is not None else None,
+            use_cache=caches is not None,
             calm_context=context,
             **extra,
         )
@@ -212,13 +213,10 @@ class CALMModel(nn.Module):
         loss = causal_lm_loss(logits, labels, attention_mask) if labels is not None else None
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def new_caches(self) -> dict:
-        from transformers import DynamicCache
-
-        caches = {"anchor": DynamicCache(config=self.anchor.config), "bridges": [ProjectedKV() for _ in self.bridges]}
-        if self.augments[0] is not None:
-            caches["augments"] = [DynamicCache(config=model.config) for model in self.augments]
-        return caches
+    def new_caches(self) -> CALMCache:
+        """Empty generation caches for ``step``: the anchor's, each augmenting model's, each bridge's."""
+        augments = [] if self.augments[0] is None else [growing_cache(model.config) for model in self.augments]
+        return CALMCache(growing_cache(self.anchor.config), augments, [ProjectedKV() for _ in self.bridges])
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 8, **kwargs):
         from calm_dist.model.generation import greedy_generate
