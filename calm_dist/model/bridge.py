@@ -90,7 +90,8 @@ class CrossAttentionBridge(nn.Module):
         keys, values = self.project_memory(bridge_input.augment_hidden)
         if bridge_input.cache is not None:
             keys, values = bridge_input.cache.extend(keys, values)
-        queries = self._heads(self.q_proj(hidden.to(self.q_proj.weight.dtype)))
+        local = hidden.to(self.q_proj.weight.device)
+        queries = self._heads(self.q_proj(local.to(self.q_proj.weight.dtype)))
         mask = bridge_input.mask.additive(queries.dtype, queries.device)
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         attended = attended * bridge_input.mask.query_has_key.to(device=attended.device, dtype=attended.dtype)
@@ -98,5 +99,5 @@ class CrossAttentionBridge(nn.Module):
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         output = self.o_proj(attended)
         if self.relative_scale:  # residual measured in units of the anchor's own per-token RMS
-            output = output * hidden.float().pow(2).mean(-1, keepdim=True).sqrt().detach().to(output.dtype)
-        return output.to(hidden.dtype)
+            output = output * local.float().pow(2).mean(-1, keepdim=True).sqrt().detach().to(output.dtype)
+        return output.to(device=hidden.device, dtype=hidden.dtype)
