@@ -12,6 +12,7 @@ each generation step runs the new token only.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from calm_dist.model.cache import CALMCache
 from calm_dist.model.composed import CALMModel, compose
+from calm_dist.model.export_files import WEIGHTS_NAME, write_export_files
 from calm_dist.model.loss import causal_lm_loss
 from calm_dist.model.wrapped_layer import ComposedDecoderLayer
 
-WEIGHTS_NAME = "composition.safetensors"
 MODEL_TYPE = "calm"
 
 
@@ -269,7 +270,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"this model does not know where its base models {missing} are saved: build it with "
                              "CALMForCausalLM.from_composed(calm, anchor=<dir>, augments=[<dir>, ...])")
         write_export_files(Path(save_directory), self.config, self.calm.composition_state_dict(),
-                           self.generation_config, tokenizer)
+                           copy.deepcopy(self.generation_config), tokenizer)
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -415,63 +416,14 @@ def _read_bridges(directory: Path) -> dict[str, torch.Tensor]:
 
 def _generation_config_of(anchor, config: CALMConfig) -> GenerationConfig:
     generation_config = getattr(anchor, "generation_config", None)
-    generation_config = GenerationConfig.from_dict(generation_config.to_dict()) if generation_config is not None \
+    return copy.deepcopy(generation_config) if generation_config is not None \
         else GenerationConfig.from_model_config(config)
-    return generation_config
 
 
 def _read_generation_config(directory: Path, anchor, config: CALMConfig) -> GenerationConfig:
     if (directory / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(directory)
     return _generation_config_of(anchor, config)
-
-
-def write_export_files(directory: Path, config: CALMConfig, composition_state: Mapping[str, torch.Tensor],
-                       generation_config: GenerationConfig | None = None, tokenizer=None) -> None:
-    """Writes an export's files into ``directory`` (created if needed): bridges in fp32 safetensors,
-    ``config.json``, ``generation_config.json`` and, when given, the tokenizer (a tokenizer object or a
-    directory holding one), set up for batched generation (see ``generation_tokenizer``)."""
-    from safetensors.torch import save_file
-
-    expected = sum(len(entry["connections"]) for entry in config.augments)
-    bridges = {key.split(".")[1] for key in composition_state}
-    if any(not key.startswith("bridges.") for key in composition_state) or len(bridges) != expected:
-        raise ValueError(f"composition_state must hold the weights of {expected} bridges (keys 'bridges.<i>.…', "
-                         f"from CALMModel.composition_state_dict()), got {len(bridges)} bridges in "
-                         f"{sorted(composition_state)[:4]}…")
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in composition_state.items()}
-    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer = generation_tokenizer(tokenizer)
-        tokenizer.save_pretrained(directory)
-    generation_config = generation_config or GenerationConfig.from_model_config(config)
-    if generation_config.pad_token_id is None and tokenizer is not None and tokenizer.pad_token_id is not None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
-    generation_config.save_pretrained(directory)
-
-
-def generation_tokenizer(tokenizer):
-    """The tokenizer as an export ships it: padding on the left (a decoder generates after each row's last
-    token) and, if it has no pad token, padding with its EOS token, as batched ``generate`` needs."""
-    import copy
-
-    from transformers import AutoTokenizer
-
-    if isinstance(tokenizer, (str, os.PathLike)):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        except (OSError, ValueError) as error:
-            raise FileNotFoundError(f"tokenizer: {str(tokenizer)!r} holds no Hugging Face tokenizer ({error}); "
-                                    "give the directory the anchor's tokenizer was saved to") from error
-    else:
-        tokenizer = copy.deepcopy(tokenizer)  # the caller's stays as it is
-    tokenizer.padding_side = "left"
-    tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def register_auto_classes() -> None:
