@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm_dist.model.export_files import TokenizerNotFoundError
 from calm_dist.model.hf import BaseModelRef
 
 
@@ -92,11 +93,16 @@ def export(args) -> Path:
     meta = store.meta(name)
     composition = composition_from_meta(meta)
     tokenizer = args.tokenizer or composition.tokenizer or composition.anchor.path
-    return save_composition(
-        Path(args.out), consolidated_composition(store, name), composition.anchor, composition.augments,
-        composition.connections, relative_scale=composition.relative_scale, tokenizer=tokenizer,
-        metadata={"step": meta["step"], "checkpoint": name, "run_config": meta.get("config")},
-    )
+    try:
+        return save_composition(
+            Path(args.out), consolidated_composition(store, name), composition.anchor, composition.augments,
+            composition.connections, relative_scale=composition.relative_scale, tokenizer=tokenizer,
+            metadata={"step": meta["step"], "checkpoint": name, "run_config": meta.get("config")},
+        )
+    except TokenizerNotFoundError as error:
+        if args.tokenizer:
+            raise
+        raise TokenizerNotFoundError(f"{error} (pass --tokenizer DIR)") from None
 
 
 def main(argv=None) -> int:

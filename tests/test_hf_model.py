@@ -48,8 +48,11 @@ def test_generation_with_the_cache_equals_full_recomputation(anchor_arch, augmen
     full = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **options)
     assert cached.shape == (3, 17)
     assert torch.equal(cached, full)
-    if not sampling:  # and the composed model's own greedy decoding agrees
+    if not sampling:  # the composed model's own greedy decoding agrees, and so does a batch without padding
         assert torch.equal(cached, model.calm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None))
+        unpadded = random_ids(3, 7, seed=1)  # generate passes no attention mask: no model builds a padding mask
+        assert torch.equal(model.generate(input_ids=unpadded, **options),
+                           model.calm.generate(unpadded, max_new_tokens=10, eos_token_id=None))
 
 
 @pytest.mark.parametrize("anchor_arch,augment_arch", ARCH_PAIRS)
@@ -151,7 +154,7 @@ def test_a_generation_config_and_a_streamer_are_honoured():
     assert streamer.chunks == [ids[0].tolist()] + [[token] for token in out[0, 5:].tolist()] + ["end"]
 
 
-def test_beam_search_and_prompt_lookup_use_the_cache_correctly():
+def test_beam_search_and_assisted_decoding_use_the_cache_correctly():
     model = trained()
     ids, mask = left_padded()
     beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD)
@@ -161,6 +164,22 @@ def test_beam_search_and_prompt_lookup_use_the_cache_correctly():
     greedy = model.generate(input_ids=one, max_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(input_ids=one, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3),
                        greedy)
+    assistant = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1)  # drafts tokens the cache must take back
+    assert torch.equal(model.generate(input_ids=one, max_new_tokens=10, do_sample=False, assistant_model=assistant),
+                       greedy)
+
+
+def test_generation_continues_from_the_cache_it_returned():
+    model = trained()
+    ids, mask = left_padded()
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           return_dict_in_generate=True)
+    assert isinstance(first.cache, CALMCache) and first.cache.get_seq_length() == ids.shape[1] + 3
+    longer_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], dim=1)
+    continued = model.generate(input_ids=first.sequences, attention_mask=longer_mask, cache=first.cache,
+                               max_new_tokens=4, do_sample=False)
+    assert torch.equal(continued, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                 do_sample=False))
 
 
 def test_unsupported_options_are_refused_with_the_reason():

@@ -24,17 +24,29 @@ class CrossMask:
     sequence length, hence their own mask.
     """
 
-    allowed: torch.Tensor  # [B, 1, Q, S] bool: anchor query q may read augment position s
-    query_has_key: torch.Tensor  # [B, 1, Q, 1] bool: rows with at least one allowed key
+    allowed: torch.Tensor | None  # [B or 1, 1, Q, S] bool: query q may read position s (None: every position)
+    query_has_key: torch.Tensor | None  # [B, 1, Q, 1] bool: rows with at least one allowed key (None: all)
     _additive: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_allowed(cls, allowed: torch.Tensor) -> "CrossMask":
         return cls(allowed, allowed.any(dim=-1, keepdim=True))
 
-    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    @classmethod
+    def causal(cls, query_start: int, query_len: int, device) -> "CrossMask":
+        """Without padding: query t reads positions <= t, so every query has a key, and a single query at
+        the end reads everything."""
+        if query_len == 1:
+            return cls(None, None)
+        keys = torch.arange(query_start + query_len, device=device)
+        queries = torch.arange(query_start, query_start + query_len, device=device)
+        return cls((keys[None, :] <= queries[:, None])[None, None], None)
+
+    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """The mask as SDPA adds it (0 where allowed, the dtype's minimum elsewhere), made once per forward
         for all the bridges that read this model."""
+        if self.allowed is None:
+            return None
         key = (dtype, device)
         if key not in self._additive:
             blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
@@ -94,7 +106,8 @@ class CrossAttentionBridge(nn.Module):
         queries = self._heads(self.q_proj(local.to(self.q_proj.weight.dtype)))
         mask = bridge_input.mask.additive(queries.dtype, queries.device)
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        attended = attended * bridge_input.mask.query_has_key.to(device=attended.device, dtype=attended.dtype)
+        if bridge_input.mask.query_has_key is not None:  # a query with no key to read gets no residual
+            attended = attended * bridge_input.mask.query_has_key.to(device=attended.device, dtype=attended.dtype)
         batch, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         output = self.o_proj(attended)

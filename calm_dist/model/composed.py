@@ -151,14 +151,16 @@ class CALMModel(nn.Module):
                                  f"the anchor's is {batch}")
         return [None if own is None else own.to(attention_mask.device) for own in augment_inputs]
 
-    def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets):
-        """One mask per augmenting model; models reading the anchor's ids share the index-based one."""
+    def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets, device):
+        """One mask per augmenting model; models reading the anchor's ids share the index-based one
+        (without padding, ``attention_mask`` None: causal only)."""
         index_mask = None
         masks = []
         for own in augment_inputs:
             if own is None:
                 if index_mask is None:
-                    index_mask = CrossMask.from_allowed(cross_attention_allowed(attention_mask, past_len, query_len))
+                    index_mask = CrossMask.causal(past_len, query_len, device) if attention_mask is None else \
+                        CrossMask.from_allowed(cross_attention_allowed(attention_mask, past_len, query_len))
                 masks.append(index_mask)
             else:
                 anchor_end = anchor_end_offsets.to(attention_mask.device).masked_fill(attention_mask == 0, 0)
@@ -168,7 +170,8 @@ class CALMModel(nn.Module):
 
     def step(self, input_ids, attention_mask, *, caches: CALMCache | None = None, augment_states=None,
              logits_to_keep=0, augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None):
-        """One forward over new tokens ``input_ids`` given the full ``attention_mask`` so far.
+        """One forward over new tokens ``input_ids`` given the full ``attention_mask`` so far (None: no
+        padding anywhere, so neither model nor the bridges need a padding mask).
 
         ``caches`` (generation, from ``new_caches``) holds the anchor's HF cache, one HF cache per
         augmenting model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
@@ -176,8 +179,15 @@ class CALMModel(nn.Module):
         with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
         ``anchor_end_offsets`` ``[B, T]`` (see ``alignment.py``), and the forward must be a full one.
         """
-        past_len = attention_mask.shape[-1] - input_ids.shape[-1]
-        position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
+        if attention_mask is None and augment_inputs is not None and any(own is not None for own in augment_inputs):
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:
+            past_len = caches.get_seq_length() if caches is not None else 0
+            position_ids = torch.arange(past_len, past_len + input_ids.shape[-1], device=input_ids.device)
+            position_ids = position_ids.expand(input_ids.shape[0], -1)
+        else:
+            past_len = attention_mask.shape[-1] - input_ids.shape[-1]
+            position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
         augment_inputs = self._checked_augment_inputs(augment_inputs, anchor_end_offsets, attention_mask, caches)
         if augment_states is None:
             augment_states = self.augment_hidden_states(
@@ -186,7 +196,8 @@ class CALMModel(nn.Module):
             )
         if len(augment_states) != len(self.bridges):
             raise ValueError(f"expected {len(self.bridges)} augment states (one per bridge), got {len(augment_states)}")
-        masks = self._cross_masks(attention_mask, past_len, input_ids.shape[-1], augment_inputs, anchor_end_offsets)
+        masks = self._cross_masks(attention_mask, past_len, input_ids.shape[-1], augment_inputs, anchor_end_offsets,
+                                  input_ids.device)
         bridge_caches = caches.bridges if caches is not None else [None] * len(self.bridges)
         context = CompositionContext([
             BridgeInput(state, masks[source], cache)

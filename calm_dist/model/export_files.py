@@ -17,6 +17,10 @@ _TOKENIZER_FILE = re.compile(r"(.*token.*|.*vocab.*|merges\.txt|.*\.model|.*\.ti
                              r"|additional_chat_templates)")
 
 
+class TokenizerNotFoundError(FileNotFoundError):
+    """The directory given for the anchor's tokenizer holds none."""
+
+
 def write_export_files(directory: Path, config, composition_state: Mapping[str, torch.Tensor], generation_config,
                        tokenizer=None) -> None:
     """Writes an export's files into ``directory`` (created if needed): the bridges as fp32 safetensors,
@@ -43,15 +47,15 @@ def write_export_files(directory: Path, config, composition_state: Mapping[str, 
 
 def write_tokenizer(tokenizer, directory: Path, vocab_size: int | None):
     """Writes the tokenizer into ``directory`` for generation and returns it as ``AutoTokenizer`` loads it
-    from there; FileNotFoundError when ``tokenizer`` is a directory without one, ValueError when it has more
-    tokens than the anchor's vocabulary (then it is not the anchor's)."""
+    from there; TokenizerNotFoundError (a FileNotFoundError) when ``tokenizer`` is a directory without
+    one, ValueError when it has more tokens than the anchor's vocabulary (then it is not the anchor's)."""
     from transformers import AutoTokenizer
 
     if isinstance(tokenizer, (str, os.PathLike)):
         files = [path for path in Path(tokenizer).iterdir() if _TOKENIZER_FILE.fullmatch(path.name)] \
             if Path(tokenizer).is_dir() else []
         if not any(path.name in ("tokenizer.json", "tokenizer_config.json") for path in files):
-            raise FileNotFoundError(f"tokenizer: {str(tokenizer)!r} holds no Hugging Face tokenizer (no "
+            raise TokenizerNotFoundError(f"tokenizer: {str(tokenizer)!r} holds no Hugging Face tokenizer (no "
                                     "tokenizer.json or tokenizer_config.json); give the directory the anchor's "
                                     "tokenizer was saved to")
         for path in files:

@@ -60,10 +60,6 @@ class CompositionSpec:
         if empty:
             raise ValueError(f"augmenting models {empty} have no connections")
 
-    @property
-    def bridge_count(self) -> int:
-        return sum(len(pairs) for pairs in self.connections)
-
 
 class CALMConfig(PretrainedConfig):
     """``config.json`` of an export. ``anchor``: ``{"path", "sha256"}``; ``augments``: one
@@ -194,7 +190,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                                bool(calm.bridges[0].relative_scale))
         model = cls(CALMConfig.from_spec(spec, calm.anchor.config, metadata), calm)
         model.generation_config = _generation_config_of(calm.anchor, model.config)
-        return model
+        return model.train(calm.training)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """``generate``'s hook for its cache: a ``CALMCache`` instead of a ``DynamicCache``."""
@@ -293,7 +289,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("CALMForCausalLM needs input_ids: the anchor and the augmenting models both read them "
                              "(inputs_embeds cannot feed the augmenting models)")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a training forward keeps no cache unless given one
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
         if cache is not None and not isinstance(cache, CALMCache):
             raise ValueError(f"cache must be the CALMCache a previous forward returned (or None), got "
                              f"{type(cache).__name__}; a composed model keeps both models' caches and the bridges'")
@@ -302,12 +299,11 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         if not use_cache:
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long,
-                                        device=input_ids.device)
-        elif attention_mask.dim() != 2 or attention_mask.shape[1] != past + input_ids.shape[1]:
+        if attention_mask is not None and (attention_mask.dim() != 2
+                                           or attention_mask.shape[1] != past + input_ids.shape[1]):
             raise ValueError(f"attention_mask must be 2D [batch, cached + new tokens] = [{input_ids.shape[0]}, "
                              f"{past + input_ids.shape[1]}], got {tuple(attention_mask.shape)}")
+        # None (generate drops an all-ones mask): no padding, so no model builds a padding mask
         output = self.calm.step(input_ids, attention_mask, caches=cache, logits_to_keep=logits_to_keep)
         loss = causal_lm_loss(output.logits, labels, attention_mask) if labels is not None else None
         result = CausalLMOutputWithPast(loss=loss, logits=output.logits, cache=cache)
