@@ -386,7 +386,8 @@ def place_bridges(calm: CALMModel, dtype: torch.dtype) -> None:
         layer = layers[max(anchor_layer, 0)]
         inner = layer.layer if isinstance(layer, ComposedDecoderLayer) else layer
         device = next(inner.parameters()).device
-        bridge.to(device=device, dtype=dtype)
+        # an offloaded layer's weights sit on "meta" until its hook brings them in: keep the bridge where it is
+        bridge.to(device=device if device.type != "meta" else None, dtype=dtype)
 
 
 def _read_config(directory: Path) -> CALMConfig:
