@@ -133,10 +133,12 @@ def load_exported(path: str | os.PathLike, anchor_path: str | os.PathLike | None
 def _load_legacy(path: Path, anchor_path, augment_path, verify: bool) -> CALMModel:
     """An export written before ``config.json`` exports: ``calm_export.json`` + ``composition.safetensors``."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from calm_dist.identity import weights_checksum
-    from calm_dist.train.augmenting_models import dir_key
-    from calm_dist.train.base_models import load_pretrained
+
+    def dir_key(model: int) -> str:
+        return "augment" if model == 0 else f"augment_{model}"
 
     info = json.loads((path / LEGACY_INFO).read_text())
     chosen = {"anchor": anchor_path, "augment": augment_path}
@@ -146,7 +148,7 @@ def _load_legacy(path: Path, anchor_path, augment_path, verify: bool) -> CALMMod
         if verify and weights_checksum(model_dir) != recorded["sha256"]:
             raise ValueError(f"the {side} model at {model_dir} is not the one this composition was trained with "
                              f"(sha256 {recorded['sha256'][:12]}…); pass the original weights")
-        models[side] = load_pretrained(model_dir, side)
+        models[side] = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     pairs = [tuple(pair) for pair in info["connections"]]
     sources = info.get("bridge_sources") or [0] * len(pairs)
     count = max(sources) + 1

@@ -55,15 +55,23 @@ class CheckpointComposition:
 
 def composition_from_meta(meta: dict) -> CheckpointComposition:
     """The one reader of the checkpoint meta layout: ``base_models`` (``anchor``, ``augment``, ``augment_1``, …
-    each ``{path, sha256}``), the flat ``connections`` with each bridge's augmenting model in
-    ``bridge_sources`` (absent: one model), ``config.composition.relative_scale`` and ``tokenizer``."""
-    from calm_dist.train.augmenting_models import dir_key
+    each ``{path, sha256}``), the composition (``composition``: one list of pairs per augmenting model and
+    ``relative_scale``; or, in earlier checkpoints, the flat ``connections`` with each bridge's augmenting
+    model in ``bridge_sources`` and ``config.composition.relative_scale``) and ``tokenizer``."""
+    def dir_key(model: int) -> str:
+        return "augment" if model == 0 else f"augment_{model}"
 
     bases = meta["base_models"]
-    pairs = [(int(a), int(b)) for a, b in meta["connections"]]
-    sources = meta.get("bridge_sources") or [0] * len(pairs)
-    count = max(sources) + 1
-    missing = [dir_key(model) for model in range(count) if dir_key(model) not in bases]
+    if "composition" in meta:
+        per_model = [[(int(a), int(b)) for a, b in pairs] for pairs in meta["composition"]["connections"]]
+        relative_scale = meta["composition"].get("relative_scale", False)
+    else:
+        pairs = [(int(a), int(b)) for a, b in meta["connections"]]
+        sources = meta.get("bridge_sources") or [0] * len(pairs)
+        per_model = [[pair for pair, source in zip(pairs, sources) if source == model]
+                     for model in range(max(sources) + 1)]
+        relative_scale = meta["config"]["composition"].get("relative_scale", False)
+    missing = [dir_key(model) for model in range(len(per_model)) if dir_key(model) not in bases]
     if missing:
         raise ValueError(f"checkpoint meta names no base model for {missing} (its base_models: {sorted(bases)})")
 
@@ -72,10 +80,9 @@ def composition_from_meta(meta: dict) -> CheckpointComposition:
 
     return CheckpointComposition(
         anchor=ref("anchor"),
-        augments=tuple(ref(dir_key(model)) for model in range(count)),
-        connections=tuple(tuple(pair for pair, source in zip(pairs, sources) if source == model)
-                          for model in range(count)),
-        relative_scale=bool(meta["config"]["composition"].get("relative_scale", False)),
+        augments=tuple(ref(dir_key(model)) for model in range(len(per_model))),
+        connections=tuple(tuple(pairs) for pairs in per_model),
+        relative_scale=bool(relative_scale),
         tokenizer=meta.get("tokenizer"),
     )
 

@@ -40,6 +40,13 @@ def test_composition_from_meta_splits_the_bridges_by_augmenting_model():
     assert composition.relative_scale and composition.tokenizer == "/data/tokenizer"
 
 
+def test_composition_from_meta_reads_the_resolved_composition_when_recorded():
+    recorded = {"connections": [[[0, -1], [1, 0], [3, 2]], [[0, 0], [2, 2]]], "relative_scale": False, "seed": 0}
+    composition = composition_from_meta(_meta(composition=recorded, connections=None, bridge_sources=None))
+    assert composition.connections == (((0, -1), (1, 0), (3, 2)), ((0, 0), (2, 2)))
+    assert not composition.relative_scale
+
+
 def test_composition_from_meta_of_one_augmenting_model_and_of_a_missing_one():
     single = composition_from_meta(_meta(connections=[[1, 1], [3, 2]], bridge_sources=None))
     assert single.augments == (BaseModelRef("/m/augment", "b" * 64),) and single.tokenizer is None
