@@ -160,6 +160,12 @@ def test_beam_search_and_assisted_decoding_use_the_cache_correctly():
     beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **beams),
                        model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **beams))
+    samples = dict(max_new_tokens=5, do_sample=True, num_return_sequences=2)  # the batch grows before the cache
+    torch.manual_seed(2)
+    several = model.generate(input_ids=ids, attention_mask=mask, **samples)
+    torch.manual_seed(2)
+    assert several.shape == (6, 12) and torch.equal(several, model.generate(input_ids=ids, attention_mask=mask,
+                                                                            use_cache=False, **samples))
     one = random_ids(1, 6, seed=4).repeat(1, 2)  # repeated n-grams give the lookup candidates to verify
     greedy = model.generate(input_ids=one, max_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(input_ids=one, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3),
