@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-LATEST, META, PARTIAL = "latest", "meta.json", ".partial-"
+LATEST, META, PARTIAL, RECORDS = "latest", "meta.json", ".partial-", "records"
 
 
 def checkpoint_name(step: int) -> str:
@@ -167,6 +167,28 @@ class CheckpointStore:
 
     def has(self, name: str, *parts: str) -> bool:
         return self._exists(self.path(name, *parts))
+
+    # --- the run's metrics records, kept beside the checkpoints and never pruned with them ---
+
+    def write_records(self, step: int, records: list[dict]) -> None:
+        """The metrics records reported since the previous checkpoint, written before ``step``'s is published:
+        a driver that died before logging them restores them from here (a few hundred bytes a step)."""
+        self._write_text(self.path(RECORDS, f"{checkpoint_name(step)}.json"), json.dumps(records))
+
+    def records_up_to(self, step: int) -> list[dict]:
+        """Every stored record of steps up to ``step``, oldest first."""
+        from pyarrow import fs
+
+        directory = self.path(RECORDS)
+        if not self._exists(directory):
+            return []
+        names = sorted(info.base_name for info in self.fs.get_file_info(fs.FileSelector(directory))
+                       if info.base_name.startswith("step_") and info.base_name.endswith(".json"))
+        records = []
+        for name in names:
+            if step_of(name.removesuffix(".json")) <= step:
+                records += [r for r in json.loads(self._read_text(f"{directory}/{name}")) if r["step"] <= step]
+        return records
 
     def put_dir(self, local: Path, name: str, *parts: str) -> None:
         """Adds a finished local directory under a complete checkpoint, atomically where possible."""

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from calm_dist.model.composed import CALMModel, compose
-from calm_dist.model.hf import (BaseModelRef, CALMConfig, CALMForCausalLM, CompositionSpec, resolve_model_dir,
+from calm_dist.model.hf import (BaseModelRef, CALMConfig, CALMForCausalLM, ExportSpec, resolve_model_dir,
                                 write_export_files)
 
 LEGACY_WEIGHTS, LEGACY_INFO = "composition.safetensors", "calm_export.json"
@@ -57,7 +57,7 @@ def save_composition(
                          f"{len(connections)} lists")
     _check_json(metadata)
     anchor_ref, anchor_dir = _identified(anchor, "anchor")
-    spec = CompositionSpec(
+    spec = ExportSpec(
         anchor=anchor_ref,
         augments=tuple(_identified(model, f"augmenting model {index}")[0] for index, model in enumerate(augments)),
         connections=tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in connections),

@@ -51,20 +51,15 @@ class StepLogger:
     def resume_at(self, point, store, max_steps: int) -> None:
         """Training restarts from checkpoint ``point`` (None: from the start). Records after it are dropped;
         records up to it that metrics.jsonl lacks (a driver that died before logging them) are restored from
-        the checkpoints, which carry every record reported since the checkpoint before them."""
+        the checkpoint store, where anchor rank 0 writes them with every checkpoint."""
         step = point.step if point is not None else 0
         evaluates_again = step == 0 or step >= max_steps
         self.rewind(step, evaluates_again)
         if point is None:
             return
         logged = {_record_key(record) for record in read_jsonl(self.metrics.path)}
-        restored: list[dict] = []
-        for name in reversed([n for n in store.complete() if n <= point.name]):
-            records = [r for r in store.meta(name).get("records", []) if r["step"] <= step
-                       and not (evaluates_again and "eval" in r and r["step"] == step)]
-            restored = [r for r in records if _record_key(r) not in logged] + restored
-            if not records or all(_record_key(r) in logged for r in records[:1]):
-                break  # this checkpoint's records reach back to what was logged
+        restored = [record for record in store.records_up_to(step) if _record_key(record) not in logged
+                    and not (evaluates_again and "eval" in record and record["step"] == step)]
         for record in restored:
             self.metrics.log(record)
         if restored:

@@ -44,12 +44,14 @@ def test_a_killed_driver_resumes_with_the_same_command(project, tmp_path):
     expected = losses(tmp_path / "runs" / "reference")
 
     run_dir = tmp_path / "runs" / "killed"
-    driver = subprocess.Popen(command(project, tmp_path, "killed"), cwd=ROOT, env=environment(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed-driver.log"
+    with open(log, "w") as output:
+        driver = subprocess.Popen(command(project, tmp_path, "killed"), cwd=ROOT, env=environment(), stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while len(losses(run_dir)) < 9 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert driver.poll() is None, "the driver finished before it could be killed"
+    assert driver.poll() is None, f"the driver finished before it could be killed: {log.read_text()[-3000:]}"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started (the embedded Ray)
     driver.wait()
     assert len(losses(run_dir)) < STEPS

@@ -162,7 +162,7 @@ def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_pat
     model = calm_dist.load_exported(tmp_path / "export")
     from safetensors.torch import load_file
 
-    final = load_file(str(reference / "composition.safetensors"))
+    final = load_file(str(reference / "export" / "composition.safetensors"))
     exported = model.composition_state_dict()
     assert exported.keys() == final.keys()
     for key, value in final.items():

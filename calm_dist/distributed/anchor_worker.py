@@ -35,8 +35,8 @@ def _all_reduce_sum(values: list[float], world: int) -> list[float]:
 class AnchorWorker:
     """``after_step(step, reader_position, records)`` runs on every anchor rank after each step's last unit
     (the checkpointer); ``reader_position`` is the reader state whose next batch is step ``step + 1``'s, and
-    ``records`` the metrics records reported since the last published checkpoint (a checkpoint carries them,
-    so a driver that dies before logging them loses nothing)."""
+    ``records`` the metrics records reported since the last checkpoint (stored with the checkpoint, so a
+    driver that dies before logging them loses nothing)."""
 
     def __init__(self, engine, groups: Groups, source, receiver: ActivationReceiver, augment_hiddens: Sequence[int],
                  after_step: Callable[[int, dict, list[dict]], "CheckpointWrite | None"] | None = None):

@@ -125,11 +125,15 @@ def _checkpointer(inputs: RunInputs, engine, model):
             "bridge_sources": list(model.bridge_sources)}
 
     def after_step(step: int, reader_position: dict, records: list[dict]):
+        import torch.distributed as dist
+
         from calm_dist.distributed.anchor_worker import CheckpointWrite
 
         if step % every and step != last:
             return None
-        return CheckpointWrite(save_checkpoint(engine, store, step, reader_position, {**meta, "records": records}, keep))
+        if dist.get_rank() == 0:
+            store.write_records(step, records)
+        return CheckpointWrite(save_checkpoint(engine, store, step, reader_position, meta, keep))
 
     return after_step
 

@@ -43,8 +43,8 @@ class BaseModelRef:
 
 
 @dataclass(frozen=True)
-class CompositionSpec:
-    """What a composition is made of: the anchor, the augmenting models in bridge order, each model's
+class ExportSpec:
+    """What an export names: the anchor, the augmenting models in bridge order, each model's
     ``(augment_layer, anchor_layer)`` connections, and whether bridges scale by the anchor's RMS."""
 
     anchor: BaseModelRef
@@ -80,7 +80,7 @@ class CALMConfig(PretrainedConfig):
     use_cache: bool = True
 
     @classmethod
-    def from_spec(cls, spec: CompositionSpec, anchor_config=None, metadata: Mapping[str, Any] | None = None
+    def from_spec(cls, spec: ExportSpec, anchor_config=None, metadata: Mapping[str, Any] | None = None
                   ) -> "CALMConfig":
         """The config of ``spec``; token ids and vocabulary from ``anchor_config`` (the anchor's HF config)."""
         text = anchor_config.get_text_config() if anchor_config is not None else None
@@ -96,10 +96,10 @@ class CALMConfig(PretrainedConfig):
             **tokens,
         )
 
-    def spec(self) -> CompositionSpec:
+    def spec(self) -> ExportSpec:
         if not self.anchor or not self.augments:
             raise ValueError("this CALMConfig names no base models (anchor, augments): it is not a calm_dist export")
-        return CompositionSpec(
+        return ExportSpec(
             anchor=BaseModelRef(self.anchor["path"], self.anchor.get("sha256")),
             augments=tuple(BaseModelRef(entry["path"], entry.get("sha256")) for entry in self.augments),
             connections=tuple(tuple((int(a), int(b)) for a, b in entry["connections"]) for entry in self.augments),
@@ -185,7 +185,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         anchor_ref = _as_ref(anchor)
         augment_refs = tuple(_as_ref(ref) for ref in augments) if augments is not None \
             else tuple(BaseModelRef("") for _ in calm.augments)
-        spec = CompositionSpec(anchor_ref, augment_refs,
+        spec = ExportSpec(anchor_ref, augment_refs,
                                tuple(tuple(pairs) for pairs in calm.augment_connections),
                                bool(calm.bridges[0].relative_scale))
         model = cls(CALMConfig.from_spec(spec, calm.anchor.config, metadata), calm)
@@ -368,7 +368,7 @@ def _base_device_map(device_map):
     return device_map
 
 
-def compose_spec(anchor, augments: Sequence, spec: CompositionSpec) -> CALMModel:
+def compose_spec(anchor, augments: Sequence, spec: ExportSpec) -> CALMModel:
     """The composition of ``spec`` over loaded base models."""
     if len(augments) == 1:
         return compose(anchor, augments[0], connections=list(spec.connections[0]),
