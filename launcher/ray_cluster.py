@@ -105,7 +105,7 @@ class RankWorker:
     def run(self, inputs, rank: int, world_size: int, master: tuple[str, int], reports=None) -> dict:
         import torch
 
-        from calm_dist.distributed.groups import env_store
+        from calm_dist.distributed.groups import env_store, leave_process_groups
         from calm_dist.distributed.worker import run_worker
         from calm_dist.train.distributed_job import consolidated_bridges
 
@@ -115,9 +115,10 @@ class RankWorker:
         store, _, _ = env_store(inputs.config.parallel.timeout_s)
         on_step = (lambda report: reports.put((type(report).__name__, report.__dict__))) if reports is not None else None
         result = run_worker(inputs, rank, world_size, store, on_step=on_step)
+        bridges = consolidated_bridges(result["model"]) if "model" in result else None
+        leave_process_groups()
         if "model" not in result:
             return {"role": result["role"]}
-        bridges = consolidated_bridges(result["model"])
         return {"role": result["role"], "losses": result["losses"], "bridges": bridges if rank == 0 else None}
 
 

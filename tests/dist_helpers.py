@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from calm_dist.distributed.groups import leave_process_groups
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -20,6 +22,7 @@ def _entry(rank: int, world_size: int, port: int, target, args, out_dir: str):
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     result = target(rank, world_size, *args)
+    leave_process_groups()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 

@@ -25,6 +25,24 @@ class Groups:
     backend: str
     device: torch.device
 
+    def close_transport(self) -> None:
+        """Once this rank's role is done: waits until every rank is done with the transport group (so
+        none closes a connection a peer still reads), then shuts the group down."""
+        self.transport.barrier().wait()
+        self.transport.shutdown()
+
+
+def leave_process_groups() -> None:
+    """Destroys every process group this process still holds (the anchor ranks' default group, which
+    DeepSpeed uses, and any group made from it). Call it once the process needs no more collectives.
+
+    Left to interpreter exit, gloo's threads can still be finishing work that holds Python objects; one
+    that then takes the GIL of a finalizing interpreter is ended by Python mid-C++ and the process
+    aborts ("terminate called without an active exception", pytorch/pytorch#190489).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def resolve_backend(requested: str) -> str:
     if requested != "auto":

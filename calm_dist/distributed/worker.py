@@ -144,6 +144,8 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, connections, augment_shap
 
 
 def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_step=None) -> dict:
+    """Runs this rank's role. The anchor ranks' default group stays up (the caller may gather the bridges
+    through it); the caller ends with ``groups.leave_process_groups()``."""
     topology, connections, augment_shapes = plan(inputs, world_size)
     parallel = inputs.config.parallel
     groups = init_groups(topology, rank, store, parallel.backend, parallel.timeout_s)
@@ -152,5 +154,8 @@ def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_step=Non
         from calm_dist.distributed.zero_anchor import init_deepspeed
 
         init_deepspeed(groups.backend)
-        return run_anchor_role(inputs, groups, connections, augment_shapes, steps, on_step)
-    return run_augment_role(inputs, groups, steps)
+        result = run_anchor_role(inputs, groups, connections, augment_shapes, steps, on_step)
+    else:
+        result = run_augment_role(inputs, groups, steps)
+    groups.close_transport()  # the default group stays for the caller: see groups.leave_process_groups
+    return result

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from calm_dist.checkpoint import ResumePoint, prepare_checkpointing
 from calm_dist.config import Config
 from calm_dist.distributed.anchor_worker import CheckpointReport, StepReport
-from calm_dist.distributed.groups import env_store
+from calm_dist.distributed.groups import env_store, leave_process_groups
 from calm_dist.distributed.worker import RunInputs, run_worker
 from calm_dist.train.report import EventLog, MetricsLogger, loss_curve
 from calm_dist.train.task_data import TaskData
@@ -132,9 +132,10 @@ def run_torchrun_job(config: Config) -> Path | None:
     finally:
         if logger is not None:
             logger.close()
-    if "model" not in result:  # an augment stage: done
+    bridges = consolidated_bridges(result["model"]) if "model" in result else None
+    leave_process_groups()
+    if bridges is None:  # an augment stage: done
         return None
-    bridges = consolidated_bridges(result["model"])
     if rank != 0:
         return None
     timer.mark("composition")
