@@ -2,6 +2,7 @@
 embedded local Ray, places the roles, streams one progress bar and metrics, evaluates the result."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -23,9 +24,46 @@ def connect(config: Config) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray starts workers at nice 15; here they are the job's compute, so they run at normal priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(include_dashboard=config.ray.embedded_dashboard, dashboard_host=config.ray.dashboard_host,
-             log_to_driver=True, object_store_memory=200 * 1024 * 1024)
+    # The workers' gloo connections (inherited through the raylet's environment) stay on loopback too.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    with _loopback_node():
+        ray.init(include_dashboard=config.ray.embedded_dashboard, dashboard_host=config.ray.dashboard_host,
+                 log_to_driver=True, object_store_memory=200 * 1024 * 1024)
     return True
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """An embedded Ray that listens on 127.0.0.1 only (GCS, raylet, agents, workers, metrics).
+
+    Ray binds every server to loopback when the node's address is 127.0.0.1, but on Linux it replaces
+    127.0.0.1 by the machine's outward address unless multi-machine clusters are switched off, as Ray
+    does on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray reads it once, at import, so
+    its flag is set too, for the time of ray.init; the processes ray.init starts inherit the variable).
+    """
+    from ray._private import ray_constants
+
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved_env
+
+
+def _loopback_interface() -> str:
+    """The name of the interface holding 127.0.0.1 (``lo`` on Linux, ``lo0`` on macOS)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.address == "127.0.0.1" for address in addresses):
+            return name
+    return "lo"
 
 
 class WorkerLost(RuntimeError):
