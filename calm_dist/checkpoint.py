@@ -30,8 +30,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -262,6 +264,7 @@ class CheckpointStore:
 
         if self._fetched is None:
             self._fetched = Path(tempfile.mkdtemp(prefix="calm-ckpt-"))
+            weakref.finalize(self, shutil.rmtree, self._fetched, True)  # the copies go with the store
         target = self._fetched / name / Path(*parts) if parts else self._fetched / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
