@@ -8,7 +8,7 @@ import pickle
 from pathlib import Path
 
 from calm_dist.config import Config
-from calm_dist.distributed.groups import env_store
+from calm_dist.distributed.groups import env_store, leave_process_groups
 from calm_dist.distributed.worker import run_worker
 
 _INPUTS_KEY = "calm/run_inputs"
@@ -62,9 +62,8 @@ def run_torchrun_job(config: Config, recipe=None) -> Path | None:
     finally:
         if logger is not None:
             logger.close()
-    if "model" not in result:  # an augment stage: done
-        return None
-    bridges = gathered_composition_state(result["model"])
+    bridges = gathered_composition_state(result["model"]) if "model" in result else None  # every anchor rank
+    leave_process_groups()
     if rank != 0:
         return None
     timer.mark("composition")

@@ -179,6 +179,8 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
 
 
 def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_report=None) -> dict:
+    """Runs this rank's role. The anchor ranks' default group stays up (the caller may gather the bridges
+    through it); the caller ends with ``groups.leave_process_groups()``."""
     from calm_dist.quiet import quiet_libraries
 
     quiet_libraries()
@@ -189,5 +191,8 @@ def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_report=N
         from calm_dist.distributed.zero_anchor import init_deepspeed
 
         init_deepspeed(groups.backend)
-        return run_anchor_role(inputs, groups, augment_shapes, on_report)
-    return run_augment_role(inputs, groups)
+        result = run_anchor_role(inputs, groups, augment_shapes, on_report)
+    else:
+        result = run_augment_role(inputs, groups)
+    groups.close_transport()  # the default group stays for the caller: see groups.leave_process_groups
+    return result
