@@ -4,16 +4,14 @@ import torch
 import transformers
 
 from calm_dist import CALMForCausalLM
-from calm_dist.checkpoint import CheckpointStore, consolidated_composition, run_identity
-from calm_dist.config import load_config
-from calm_dist.distributed.worker import RunInputs
+from calm_dist.checkpoint import CheckpointStore, consolidated_composition
 from calm_dist.identity import weights_checksum
 from calm_dist.model.hf import BaseModelRef
-from calm_dist.train.pretrain import ensure_base_models
-from calm_dist.train.task_data import prepare_task_data
 from launcher.export import composition_from_meta, main as export_main
+from launcher.runtime import job_identity, runtime_inputs
 from tests.dist_helpers import spawn
 from tests.dist_workers import composition_run
+from tests.user_project import prepared_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,15 +55,10 @@ def test_composition_from_meta_of_one_augmenting_model_and_of_a_missing_one():
         composition_from_meta(meta)
 
 
-def test_export_of_a_sharded_checkpoint_loads_the_hugging_face_way(tmp_path):
-    config = load_config("configs/tiny.yaml", [
-        f"run.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.batch_size=8", "parallel.timeout_s=60",
-        "checkpoint.every_steps=2"])
-    task_data = prepare_task_data(config)
-    model_dirs = ensure_base_models(config, task_data)
+def test_export_of_a_sharded_checkpoint_loads_the_hugging_face_way(project, tmp_path):
+    job = prepared_job(project, tmp_path, "train.max_steps=2", "checkpoint.every_steps=2")
     root = str(tmp_path / "ckpt")
-    inputs = RunInputs(config, task_data, model_dirs, None, root, run_identity(config, model_dirs))
-    spawn(composition_run, 2, (inputs,), tmp_path / "out")
+    spawn(composition_run, 2, (runtime_inputs(job, root, job_identity(job)),), tmp_path / "out")
     store = CheckpointStore(root)
     assert export_main(["--checkpoints", root, "--out", str(tmp_path / "export")]) == 0
 
@@ -74,9 +67,9 @@ def test_export_of_a_sharded_checkpoint_loads_the_hugging_face_way(tmp_path):
     exported = model.calm.composition_state_dict()
     assert exported.keys() == trained.keys()
     assert all(torch.equal(exported[key], trained[key]) for key in trained)
-    assert model.config.anchor["sha256"] == weights_checksum(model_dirs["anchor"])
+    assert model.config.anchor["sha256"] == weights_checksum(project.anchor)
     assert model.config.calm_metadata["step"] == 2
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
-    batch = tokenizer(["k1 = 3 ;", "1 + 2 ="], return_tensors="pt", padding=True)
+    batch = tokenizer(["red cat =>", "big dog runs =>"], return_tensors="pt", padding=True)
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[0] == 2
     assert export_main(["--checkpoints", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
