@@ -125,7 +125,7 @@ def test_the_table_gets_a_held_in_column_with_baseline_rows():
     plain = KVResults(TaskScores(100.0, 0.0, 0.0), TaskScores(0.0, 95.0, 9.5), calm).table()
     assert "kv_arith (held-in)" not in plain and "CALM, held-in keys" in plain
     assert plain.splitlines()[-1].split("|")[-2].strip() == "57.0"
-    rows = tuple(BaselineResult(row, TaskScores(1.0, 2.0, 3.0, float(index)), 10) for index, row in enumerate(ROWS))
+    rows = tuple(BaselineResult(row, TaskScores(1.0, 2.0, 3.0, float(index)), 10, 1.0) for index, row in enumerate(ROWS))
     extended = KVResults(TaskScores(100.0, 0.0, 0.0), TaskScores(0.0, 95.0, 9.5), calm, rows).table()
     assert "kv_arith (held-in)" in extended.splitlines()[0] and "CALM, held-in keys" not in extended
     lines = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
@@ -150,18 +150,20 @@ def test_run_summary_records_the_baselines(tiny_run):
     composition, baselines = summary["composition_parameters"], summary["recipe"]["baselines"]
     lora = baselines["lora"]
     assert lora["lora"]["composition_parameters"] == composition
+    assert lora["lora"]["trainable_parameters"] == lora["trainable_parameters"] and lora["lora"]["rank"] > 1
     assert abs(lora["trainable_parameters"] - composition) <= LORA_PARAMETER_TOLERANCE * composition
-    assert baselines["calm_random_augment"]["trainable_parameters"] == composition
-    assert baselines["calm_vanilla_augment"]["trainable_parameters"] == composition
-    assert baselines["calm_different_tokenizer"]["trainable_parameters"] == composition
+    for row in ("calm_random_augment", "calm_vanilla_augment", "calm_different_tokenizer"):
+        assert baselines[row]["trainable_parameters"] == composition
     assert baselines["calm_two_augments"]["trainable_parameters"] == 2 * composition  # same connections per m_A
+    (untrained,) = baselines["calm_random_augment"]["augments"]
+    assert untrained == {"kind": "untrained", "seed": 1}  # m_A's seed: the weights its pretraining starts from
     halves = baselines["calm_two_augments"]["augments"]
-    assert [half["keys"] for half in halves] == ["keys0of2", "keys1of2"] and halves[0]["path"] != halves[1]["path"]
+    assert [half["kind"] for half in halves] == ["keys0of2", "keys1of2"] and halves[0]["path"] != halves[1]["path"]
     assert [half["trained_on"] for half in halves] == ["augment_train_keys0of2.jsonl", "augment_train_keys1of2.jsonl"]
-    characters = baselines["calm_different_tokenizer"]["augment"]
-    assert characters["tokenizer"] == "characters" and characters["vocab_size"] < 50
+    (characters,) = baselines["calm_different_tokenizer"]["augments"]
+    assert characters["kind"] == "characters" and characters["vocab_size"] < 50
     assert 0.0 <= characters["kv_substitution_alone"] <= 100.0
-    vanilla = baselines["calm_vanilla_augment"]["augment"]
+    (vanilla,) = baselines["calm_vanilla_augment"]["augments"]
     assert Path(vanilla["path"]).name.startswith("vanilla_augment-") and vanilla["trained_on"] == "anchor_train.jsonl"
     assert vanilla["path"] not in {info["path"] for info in summary["recipe"]["base_models"].values()}
     assert {f"baseline_{row}_s" for row in ROWS} <= set(summary["recipe"]["timings"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +36,9 @@ from calm_dist.train.report import MetricsLogger
 from .augment_variants import character_task, half_key_name, half_key_tasks
 from .base_models import TrainingRecord, Vocabulary, build_model
 from .cross_tokenizer import cross_tokenizer_statistics
-from .models import augment_seed, augment_task, vanilla_augment_task
+from .models import augment_task, vanilla_augment_task
 from .pretrain import ensure_trained, tokenised
-from .results import ROW_LABELS, BaselineResult, evaluate_scores
+from .results import ROW_LABELS, BaselineResult, LoraChoice, RowAugment, evaluate_scores
 from .settings import BaselineSettings, RecipeSettings
 from .task_data import TaskFiles
 from .tokenizer import load_tokenizer
@@ -77,31 +77,11 @@ class RowInputs:
     composition_parameters: int  # trainable parameters of the job's composition
 
 
-@dataclass(frozen=True)
-class AugmentFacts:
-    """An augmenting model a row trained for itself."""
-
-    path: str
-    sha256: str
-    trained_on: str
-    seconds: float
-    final_loss: float
-
-    @classmethod
-    def of(cls, path: Path) -> "AugmentFacts":
-        record = TrainingRecord.read(path)
-        return cls(str(path), weights_checksum(path), record.trained_on, record.seconds, record.final_loss)
-
-
-@dataclass(frozen=True)
-class LoraChoice:
-    rank: int
-    lora_alpha: float
-    target_modules: list[str]
-    adapted_layers: int
-    trainable_parameters: int
-    composition_parameters: int
-    relative_gap: float
+def trained_augment(path: Path, kind: str, seed: int, **extra) -> RowAugment:
+    """The facts of an m_A variant a row trained (and cached) for itself."""
+    record = TrainingRecord.read(path)
+    return RowAugment(kind, seed, str(path), weights_checksum(path), record.trained_on, record.seconds,
+                      record.final_loss, **extra)
 
 
 def _lora_model(anchor, rank: int, baselines: BaselineSettings):
@@ -166,53 +146,53 @@ def _calm(inputs: RowInputs, augments: list, composition: CompositionSpec | None
     return spec.build(_anchor(inputs), augments, [model_shape(model) for model in augments])
 
 
-def _train_and_score(inputs: RowInputs, row: str, model, statistics: BatchStatistics, details: dict,
-                     started: float) -> BaselineResult:
+def _train_and_score(inputs: RowInputs, row: str, model, statistics: BatchStatistics, started: float,
+                     **facts) -> BaselineResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_row(inputs, row, statistics, trainable)
     model.eval()
     scores = evaluate_scores(statistics, inputs.data, inputs.config.eval.batch_size, heldin=True)
-    return BaselineResult(row, scores, count_trainable(trainable), details, round(time.perf_counter() - started, 1))
+    return BaselineResult(row, scores, count_trainable(trainable), round(time.perf_counter() - started, 1), **facts)
 
 
 def run_lora(inputs: RowInputs, started: float) -> BaselineResult:
     model, choice = build_lora(_anchor(inputs), inputs.composition_parameters, inputs.settings.baselines,
                                inputs.composition.seed)
     # The anchor stays in eval mode (no dropout) as it does inside CALM; LoRA itself has no dropout.
-    return _train_and_score(inputs, LORA, model, causal_lm_statistics(model), {"lora": asdict(choice)}, started)
+    return _train_and_score(inputs, LORA, model, causal_lm_statistics(model), started, lora=choice)
 
 
-def _run_calm_over(inputs: RowInputs, row: str, augments: list, details: dict, started: float,
+def _run_calm_over(inputs: RowInputs, row: str, models: list, facts: list[RowAugment], started: float,
                    composition: CompositionSpec | None = None) -> BaselineResult:
-    model = _calm(inputs, augments, composition)
+    model = _calm(inputs, models, composition)
     model.train()
-    return _train_and_score(inputs, row, model, calm_statistics(model), details, started)
+    return _train_and_score(inputs, row, model, calm_statistics(model), started, augments=tuple(facts))
 
 
 def run_random_augment(inputs: RowInputs, started: float) -> BaselineResult:
     task = augment_task(inputs.config, inputs.settings, inputs.files)
     vocabulary = Vocabulary.of(load_tokenizer(inputs.files.tokenizer_dir))
-    augment = build_model(inputs.settings.augment.model, vocabulary, augment_seed(inputs.config),
-                          task.max_positions).eval()
-    return _run_calm_over(inputs, RANDOM_AUGMENT, [augment],
-                          {"augment": {"untrained": True, "seed": augment_seed(inputs.config)}}, started)
+    augment = build_model(inputs.settings.augment.model, vocabulary, task.seed, task.max_positions).eval()
+    return _run_calm_over(inputs, RANDOM_AUGMENT, [augment], [RowAugment("untrained", task.seed)], started)
 
 
 def run_vanilla_augment(inputs: RowInputs, started: float) -> BaselineResult:
-    (path,) = ensure_trained([vanilla_augment_task(inputs.config, inputs.settings, inputs.files)],
-                             inputs.config.run.threads)
+    task = vanilla_augment_task(inputs.config, inputs.settings, inputs.files)
+    (path,) = ensure_trained([task], inputs.config.run.threads)
     augment = load_causal_lm(path, "the vanilla m_A")
-    return _run_calm_over(inputs, VANILLA_AUGMENT, [augment], {"augment": asdict(AugmentFacts.of(path))}, started)
+    return _run_calm_over(inputs, VANILLA_AUGMENT, [augment],
+                          [trained_augment(path, "numeric_arithmetic", task.seed)], started)
 
 
 def run_two_augments(inputs: RowInputs, started: float) -> BaselineResult:
-    paths = ensure_trained(half_key_tasks(inputs.config, inputs.settings, inputs.files), inputs.config.run.threads)
+    tasks = half_key_tasks(inputs.config, inputs.settings, inputs.files)
+    paths = ensure_trained(tasks, inputs.config.run.threads)
     augments = [load_causal_lm(path, f"the m_A of {half_key_name(index)}") for index, path in enumerate(paths)]
     pairs = inputs.composition.connections[0]
     per_model = CompositionSpec((pairs,) * len(augments), inputs.composition.relative_scale, inputs.composition.seed)
-    details = {"augments": [{"keys": half_key_name(index), **asdict(AugmentFacts.of(path))}
-                            for index, path in enumerate(paths)]}
-    return _run_calm_over(inputs, TWO_AUGMENTS, augments, details, started, per_model)
+    facts = [trained_augment(path, half_key_name(index), task.seed)
+             for index, (task, path) in enumerate(zip(tasks, paths))]
+    return _run_calm_over(inputs, TWO_AUGMENTS, augments, facts, started, per_model)
 
 
 def run_different_tokenizer(inputs: RowInputs, started: float) -> BaselineResult:
@@ -226,9 +206,8 @@ def run_different_tokenizer(inputs: RowInputs, started: float) -> BaselineResult
     model = _calm(inputs, [augment])
     model.train()
     statistics = cross_tokenizer_statistics(model, load_tokenizer(inputs.files.tokenizer_dir), characters)
-    details = {"augment": {**asdict(AugmentFacts.of(path)), "tokenizer": "characters",
-                           "vocab_size": len(characters), "kv_substitution_alone": alone}}
-    return _train_and_score(inputs, DIFFERENT_TOKENIZER, model, statistics, details, started)
+    facts = trained_augment(path, "characters", task.seed, vocab_size=len(characters), kv_substitution_alone=alone)
+    return _train_and_score(inputs, DIFFERENT_TOKENIZER, model, statistics, started, augments=(facts,))
 
 
 RUNNERS: dict[str, Callable[[RowInputs, float], BaselineResult]] = {

@@ -78,9 +78,8 @@ class KVArithmeticRecipe:
         data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log)  # the job's, cached
         seconds: dict[str, float] = {}
         started = time.perf_counter()
-        alone = {role: evaluate_scores(causal_lm_statistics(load_causal_lm(path, key)), data, config.eval.batch_size)
-                 for role, path, key in (("m_A", plan.augment_dirs[0], "augment[0].model.path"),
-                                         ("m_B", plan.anchor_dir, "anchor.model.path"))}
+        m_a = evaluate_alone(plan.augment_dirs[0], "augment[0].model.path", data, config.eval.batch_size)
+        m_b = evaluate_alone(plan.anchor_dir, "anchor.model.path", data, config.eval.batch_size)
         seconds["base_model_eval_s"] = round(time.perf_counter() - started, 1)
         composition = plan.composition.build(load_causal_lm(plan.anchor_dir, "anchor.model.path"),
                                              [load_causal_lm(plan.augment_dirs[0], "augment[0].model.path")],
@@ -89,7 +88,7 @@ class KVArithmeticRecipe:
                            run_dir, sum(p.numel() for p in composition.trainable_parameters()))
         baselines = run_baselines(inputs)
         seconds.update({f"baseline_{b.row}_s": b.seconds for b in baselines})
-        results = KVResults(alone["m_A"], alone["m_B"], TaskScores.from_job_metrics(generic["calm"]), tuple(baselines))
+        results = KVResults(m_a, m_b, TaskScores.from_job_metrics(generic["calm"]), tuple(baselines))
         write_json_atomically(run_dir / "results.json", {**generic, **_merged_rows(generic, results)})
         timings = self._record(run_dir, files, plan, results, seconds)
         log(results.table())
@@ -109,11 +108,15 @@ class KVArithmeticRecipe:
             "timings": timings,
             "base_models": {role: {"path": str(path), **_training_summary(path)}
                             for role, path in (("m_A", plan.augment_dirs[0]), ("m_B", plan.anchor_dir))},
-            "baselines": {b.row: {"trainable_parameters": b.trainable_parameters, **b.details}
-                          for b in results.baselines},
+            "baselines": {baseline.row: baseline.summary() for baseline in results.baselines},
         }
         write_json_atomically(path, summary)
         return timings
+
+
+def evaluate_alone(model_dir: Path, key: str, data: dp.PreparedData, batch_size: int) -> TaskScores:
+    """A base model's own scores on the job's evaluation sets (teacher-forced, as the job evaluates CALM)."""
+    return evaluate_scores(causal_lm_statistics(load_causal_lm(model_dir, key)), data, batch_size)
 
 
 def _training_summary(path: Path) -> dict:

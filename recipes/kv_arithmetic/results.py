@@ -3,7 +3,7 @@ with the framework's teacher-forced statistics (every completion token the argma
 decoding is exact match of the generated completion), and the table itself."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import data_pipeline as dp
@@ -52,15 +52,52 @@ def evaluate_scores(statistics: BatchStatistics, data: dp.PreparedData, batch_si
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """The LoRA row's adapter: the rank whose trainable-parameter count is closest to the composition's."""
+
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    adapted_layers: int
+    trainable_parameters: int
+    composition_parameters: int
+    relative_gap: float
+
+
+@dataclass(frozen=True)
+class RowAugment:
+    """An augmenting model a row composed instead of the job's m_A."""
+
+    kind: str  # untrained | numeric_arithmetic | keys<i>of2 | characters
+    seed: int  # of its initial weights (and batches)
+    path: str | None = None  # None: built in memory, never trained
+    sha256: str | None = None
+    trained_on: str | None = None
+    seconds: float | None = None
+    final_loss: float | None = None
+    vocab_size: int | None = None  # its own tokenizer's, when it has one
+    kv_substitution_alone: float | None = None  # its own accuracy, when it reads other tokens than m_B
+
+
+@dataclass(frozen=True)
 class BaselineResult:
-    """One baseline's row and what it trained: trainable parameters, and its own facts (LoRA's rank, the
-    ablations' m_A)."""
+    """One extra row: its scores, what it trained, and (LoRA) its adapter or (ablations) its m_A(s)."""
 
     row: str
     scores: TaskScores
     trainable_parameters: int
-    details: dict = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float
+    lora: LoraChoice | None = None
+    augments: tuple[RowAugment, ...] = ()
+
+    def summary(self) -> dict:
+        """Its entry in run_summary.json."""
+        entry = {"trainable_parameters": self.trainable_parameters, "seconds": self.seconds}
+        if self.lora is not None:
+            entry["lora"] = asdict(self.lora)
+        if self.augments:
+            entry["augments"] = [{k: v for k, v in asdict(a).items() if v is not None} for a in self.augments]
+        return entry
 
 
 @dataclass(frozen=True)
