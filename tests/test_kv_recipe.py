@@ -96,7 +96,8 @@ def tiny_run(tmp_path_factory):
     """The tiny recipe from an empty cache (one thread: m_A and m_B one after the other, not in two
     spawned processes, which would double this test's time)."""
     base = tmp_path_factory.mktemp("kv_recipe")
-    result = run_cli(f"run.cache_dir={base / 'cache'}", f"run.output_dir={base / 'runs'}", "run.threads=1")
+    result = run_cli(f"run.cache_dir={base / 'cache'}", f"run.output_dir={base / 'runs'}", "run.threads=1",
+                     "eval.every_steps=5")
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result
 
@@ -137,10 +138,15 @@ def test_metrics_hold_every_step_and_the_evaluations(tiny_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))  # tiny.yaml: train.max_steps = 10
     assert sorted((r["step"], r["eval"]) for r in records if "eval" in r) == \
-        sorted((step, name) for step in (0, 10) for name in EVAL_SETS)
+        sorted((step, name) for step in (0, 5, 10) for name in EVAL_SETS)
     summary = json.loads((run_dir / "run_summary.json").read_text())["recipe"]
     assert {"task_data_s", "base_models_s", "job_composition_s", "base_model_eval_s"} <= set(summary["timings"])
     assert summary["key_counts"] == {"heldin": 8, "val": 0, "heldout": 32}
+    tracked = summary["exact_match_during_training"]
+    assert set(tracked) == {"numeric_arithmetic", "kv_arithmetic", "kv_arithmetic_heldin"}
+    assert [step for step, _ in tracked["kv_arithmetic"]] == [0, 5, 10]
+    assert "exact match during training: numeric_arithmetic 0:" in tiny_run[1].stdout
+    assert (run_dir / "recipe_losses.png").stat().st_size > 1000
 
 
 def test_base_models_are_ordinary_model_directories_with_their_tokenizer(tiny_run):

@@ -18,15 +18,22 @@ from calm_dist.config import Config, ModelSource
 from calm_dist.train.evaluate import causal_lm_statistics
 from calm_dist.train.job import data_spec
 from calm_dist.train.models import load_causal_lm, plan_models
-from calm_dist.train.report import write_json_atomically
+from calm_dist.train.report import loss_curve, plot_losses, read_jsonl, write_json_atomically
 
 from .base_models import TrainingRecord
-from .baselines import RowInputs, run_baselines
+from .baselines import RowInputs, metrics_filename, run_baselines
 from .models import anchor_task, augment_task
 from .pretrain import ensure_trained
-from .results import KVResults, TaskScores, evaluate_scores
+from .results import ROW_LABELS, KVResults, TaskScores, evaluate_scores
 from .settings import check_framework_sections, recipe_settings
-from .task_data import COMPOSITION_TRAIN, TaskFiles, max_length, prepare_task_files
+from .task_data import (
+    COMPOSITION_TRAIN,
+    KV_ARITHMETIC,
+    NUMERIC_ARITHMETIC,
+    TaskFiles,
+    max_length,
+    prepare_task_files,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +81,7 @@ class KVArithmeticRecipe:
         settings = recipe_settings(config)
         files = TaskFiles(Path(config.data.train).parent)
         generic = json.loads((run_dir / "results.json").read_text())
+        tracked = tracked_exact_match(read_jsonl(run_dir / "metrics.jsonl"), files.eval_sets)
         plan, tokenizer = plan_models(config)
         data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log)  # the job's, cached
         seconds: dict[str, float] = {}
@@ -90,13 +98,21 @@ class KVArithmeticRecipe:
         seconds.update({f"baseline_{b.row}_s": b.seconds for b in baselines})
         results = KVResults(m_a, m_b, TaskScores.from_job_metrics(generic["calm"]), tuple(baselines))
         write_json_atomically(run_dir / "results.json", {**generic, **_merged_rows(generic, results)})
-        timings = self._record(run_dir, files, plan, results, seconds)
+        timings = self._record(run_dir, files, plan, results, tracked, seconds)
+        plot_losses({**{f"{role} pretraining": TrainingRecord.read(path).curve()
+                        for role, path in (("m_A", plan.augment_dirs[0]), ("m_B", plan.anchor_dir))},
+                     **{ROW_LABELS[b.row]: loss_curve(run_dir, metrics_filename(b.row)) for b in baselines}},
+                    run_dir / "recipe_losses.png")
+        if any(len(points) > 2 for points in tracked.values()):
+            log("exact match during training: " + "; ".join(
+                f"{name} " + ", ".join(f"{step}: {value:.1f}" for step, value in points)
+                for name, points in tracked.items()))
         log(results.table())
         log("timings: " + ", ".join(f"{name} {value:.0f}" for name, value in timings.items()))
         return results
 
     def _record(self, run_dir: Path, files: TaskFiles, plan, results: KVResults,
-                seconds: dict[str, float]) -> dict[str, float]:
+                tracked: dict[str, list[tuple[int, float]]], seconds: dict[str, float]) -> dict[str, float]:
         """The recipe's part of run_summary.json: its phases' wall time, base models and baselines."""
         path = run_dir / "run_summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
@@ -109,9 +125,17 @@ class KVArithmeticRecipe:
             "base_models": {role: {"path": str(path), **_training_summary(path)}
                             for role, path in (("m_A", plan.augment_dirs[0]), ("m_B", plan.anchor_dir))},
             "baselines": {baseline.row: baseline.summary() for baseline in results.baselines},
+            "exact_match_during_training": {name: [list(point) for point in points] for name, points in tracked.items()},
         }
         write_json_atomically(path, summary)
         return timings
+
+
+def tracked_exact_match(records: list[dict], eval_sets: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, exact match %) of every evaluation the job made of each KV-Arithmetic set and Numeric: step 0
+    (m_B alone), every eval.every_steps, the end. Only the validation keys may choose anything."""
+    names = [name for name in eval_sets if name.startswith(KV_ARITHMETIC) or name == NUMERIC_ARITHMETIC]
+    return {name: [(r["step"], r[f"{name}_exact_match"]) for r in records if r.get("eval") == name] for name in names}
 
 
 def evaluate_alone(model_dir: Path, key: str, data: dp.PreparedData, batch_size: int) -> TaskScores:
