@@ -162,10 +162,11 @@ def test_base_models_are_ordinary_model_directories_with_their_tokenizer(tiny_ru
     assert sorted(job.data.eval) == sorted(EVAL_SETS) and job.data.max_length == 13
 
 
-def test_a_second_prepare_reuses_the_cache_and_a_changed_setting_misses_it(tiny_run, capsys):
+def test_a_second_prepare_reuses_the_cache_and_a_changed_setting_misses_it(tiny_run, capsys, monkeypatch):
     base, first = tiny_run
     assert "pretrain" in first.stderr  # the first run trained its base models (their progress bars)
-    config = load_config(TINY, [f"run.cache_dir={base / 'cache'}", "run.threads=1"])
+    monkeypatch.chdir(base)
+    config = load_config(TINY, ["run.cache_dir=cache", "run.threads=1"])  # relative: the job gets absolute paths
     before = load_config(run_dir_of(first) / "config.yaml")
     weights = [Path(path) / "model.safetensors" for path in (before.anchor.model.path, before.augment[0].model.path)]
     stamps = [path.stat().st_mtime_ns for path in weights]

@@ -48,10 +48,11 @@ class Prepared:
 
 def job_config(config: Config, prepared: Prepared, longest: int) -> Config:
     """The config with the recipe's models and data filled in (rows of at most ``longest`` tokens); the
-    framework's other settings as given."""
-    files = prepared.files
-    augment = dataclasses.replace(config.augment[0], model=ModelSource(str(prepared.augment_dir)))
-    anchor = dataclasses.replace(config.anchor, model=ModelSource(str(prepared.anchor_dir)))
+    framework's other settings as given. Paths are absolute: workers, checkpoints and exports find them
+    from any working directory."""
+    files = TaskFiles(prepared.files.directory.resolve())
+    augment = dataclasses.replace(config.augment[0], model=ModelSource(str(prepared.augment_dir.resolve())))
+    anchor = dataclasses.replace(config.anchor, model=ModelSource(str(prepared.anchor_dir.resolve())))
     data = dataclasses.replace(config.data, train=str(files.path(COMPOSITION_TRAIN)),
                                eval={name: str(files.path(name)) for name in files.eval_sets}, max_length=longest)
     return dataclasses.replace(config, anchor=anchor, augment=[augment], data=data)
