@@ -59,6 +59,12 @@ def missing_resources(bundles: list[dict[str, float]], nodes: list[dict[str, flo
     return missing
 
 
+def _placeable(resources: Counter) -> dict[str, float]:
+    """What a bundle can ask for: without Ray's per-node markers and its memory accounting."""
+    return {name: amount for name, amount in resources.items()
+            if not name.startswith("node:") and name not in ("memory", "object_store_memory")}
+
+
 def check_feasible(config: Config) -> list[dict[str, float]]:
     """Raises a ValueError naming what is missing before anything is placed."""
     bundles = role_bundles(config)
@@ -75,7 +81,7 @@ def check_feasible(config: Config) -> list[dict[str, float]]:
         detail = f"missing in total: {short}" if short else f"no node can hold: {', '.join(unplaceable[:4])}"
         raise ValueError(
             f"the cluster cannot hold {_plan_in_words(config)} workers with bundles {bundles[0]} "
-            f"(anchor) / {bundles[-1]} (augment): {detail}; cluster has {dict(totals)}. "
+            f"(anchor) / {bundles[-1]} (augment): {detail}; cluster has {_placeable(totals)}. "
             "Add nodes, or lower the plan or ray.cpus_per_worker / ray.*_resources."
         )
     return bundles

@@ -24,7 +24,14 @@ def run_ray_job(config: Config) -> Path:
     job = prepare_job(config)
     inputs, store = prepare_runtime(job)
     embedded = connect(config)
-    check_feasible(config)
+    try:
+        check_feasible(config)
+    except ValueError:
+        if embedded:  # started only to learn this machine's capacity
+            import ray
+
+            ray.shutdown()
+        raise
     run_dir = open_run_dir(job)
     if inputs.checkpoints is not None and "://" not in inputs.checkpoints:
         Path(inputs.checkpoints).mkdir(parents=True, exist_ok=True)  # so every node can be asked whether it sees it

@@ -27,6 +27,7 @@ class Case:
     mistake: str
     message: str  # a regular expression the error must match
     overrides: tuple[str, ...] = ()
+    earlier_checkpoint: bool = False  # the earlier run left a checkpoint of the settings without ``overrides``
 
 
 def _fixtures(project: UserProject, root: Path) -> dict[str, Path]:
@@ -65,6 +66,11 @@ def _fixtures(project: UserProject, root: Path) -> dict[str, Path]:
     made["few_rows"] = write_jsonl(root / "few.jsonl", [{"prompt": "red =>", "completion": " red"}] * 3)
     made["text_file"] = root / "notes.txt"
     made["text_file"].write_text("red cat\n")
+    retrained = root / "retrained_augment"  # the augmenting model's shape, other weights
+    tiny_causal_lm("llama", len(project.tokenizer) + 8, 32, 4, 4, seed=7, eos_id=project.tokenizer.eos_token_id,
+                   kv_heads=2).save_pretrained(retrained)
+    project.tokenizer.save_pretrained(retrained)
+    made["retrained_augment"] = retrained
     return made
 
 
@@ -152,7 +158,69 @@ def cases(project: UserProject, made: dict[str, Path], root: Path) -> list[Case]
              (f"data.train={p['long_rows']}",)),
         Case("too-few-rows", "data", "fewer rows than one batch",
              r"config key 'train.batch_size': 8 rows per step, but data.train has 3 usable rows", (f"data.train={p['few_rows']}",)),
+        # the cluster's capacity (the embedded Ray is started to learn it, and stopped; no worker is placed)
+        Case("too-few-cpus", "cluster", "workers that need more CPUs than the cluster has",
+             r"the cluster cannot hold parallel.anchor_ranks=1 \+ parallel.augment_stages=1 workers .*missing in total: "
+             r"\{'CPU': 4095.0\}",
+             ("ray.anchor_resources={CPU: 4096}",)),
+        Case("missing-resource", "cluster", "a resource no node has",
+             r"the cluster cannot hold .*missing in total: \{'nvme_scratch': 1",
+             ("ray.augment_resources={nvme_scratch: 1}",)),
+        # resuming: the same command again must find the earlier run's checkpoint fits
+        Case("resume-batch", "resume", "resuming with another batch size",
+             r"checkpoint step_0+2 was trained with train.batch_size=8, this run has 16: resume with the same value, "
+             r"or start a new run", ("train.batch_size=16",), earlier_checkpoint=True),
+        Case("resume-composition", "resume", "resuming with other connections",
+             r"checkpoint step_0+2 was trained with the composition \(connections, relative_scale, run.seed\)=",
+             ("composition.connections=[[0, 0], [3, 2]]",), earlier_checkpoint=True),
+        Case("resume-data", "resume", "resuming on other data settings",
+             r"checkpoint step_0+2 was trained with the data \(data.\* and the files they name\)=",
+             ("data.max_length=48",), earlier_checkpoint=True),
+        Case("resume-model", "resume", "resuming with other augmenting weights",
+             r"checkpoint step_0+2 was trained with the augment model .* \(sha256 [0-9a-f]{12}…\), but the augment model "
+             r"is now .* \(sha256 [0-9a-f]{12}…\)", (f"augment.model.path={p['retrained_augment']}",), earlier_checkpoint=True),
+        Case("resume-added-model", "resume", "resuming with an augmenting model added",
+             r"checkpoint step_0+2 was trained with the base models \['anchor', 'augment'\], this run has "
+             r"\['anchor', 'augment', 'augment_1'\]",
+             (f"augment=[{{model: {{path: {project.augment}}}}}, {{model: {{path: {p['retrained_augment']}}}}}]",),
+             earlier_checkpoint=True),
     ]
+
+
+CONFIG = "configs/example_composition.yaml"
+
+
+def base_settings(project: UserProject, root: Path) -> list[str]:
+    """A run the job accepts; each case changes it by its overrides."""
+    return [f"run.output_dir={root / 'runs'}", f"run.cache_dir={root / 'cache'}", "run.name=user",
+            "checkpoint.every_steps=2", f"anchor.model.path={project.anchor}", f"augment.model.path={project.augment}",
+            f"data.train={project.data('train.jsonl')}", f"data.eval={project.data('eval.jsonl')}",
+            "data.max_length=64", "train.batch_size=8"]
+
+
+def leave_earlier_run(project: UserProject, root: Path, with_checkpoint: bool) -> Path:
+    """``runs/user`` as an earlier run left it: its metrics and, if asked, a published checkpoint of step 2
+    recording the identity of the base settings (stand-in weight files: a refusal must come before they are read)."""
+    from calm_dist.checkpoint import CheckpointStore
+    from calm_dist.config import load_config
+    from calm_dist.train.job import prepare_job
+    from launcher.runtime import job_identity
+    from tests.checkpoint_helpers import write_fake_files
+
+    earlier = root / "runs" / "user"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text(EARLIER_METRICS)
+    if with_checkpoint:
+        identity = job_identity(prepare_job(load_config(CONFIG, base_settings(project, root)), log=lambda *_: None))
+        store = CheckpointStore(str(earlier / "checkpoints"))
+        store.begin(2)
+        files = write_fake_files(store, 2, b"stand-in weights " * 64)
+        store.publish(2, {**identity, "step": 2, "anchor_ranks": 1, "reader": {"position": 2}}, [files], keep=2)
+    return earlier
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def run_case(case: Case, project: UserProject, root: Path) -> str:
@@ -162,13 +230,9 @@ def run_case(case: Case, project: UserProject, root: Path) -> str:
 
     from launcher.train import main
 
-    settings = [f"run.output_dir={root / 'runs'}", f"run.cache_dir={root / 'cache'}", "run.name=user",
-                "checkpoint.every_steps=2", f"anchor.model.path={project.anchor}", f"augment.model.path={project.augment}",
-                f"data.train={project.data('train.jsonl')}", f"data.eval={project.data('eval.jsonl')}",
-                "data.max_length=64", "train.batch_size=8", *case.overrides]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        code = main(["--config", "configs/example_composition.yaml", "--set", *settings])
+        code = main(["--config", CONFIG, "--set", *base_settings(project, root), *case.overrides])
     error = stderr.getvalue()
     assert code == 2, f"{case.name}: not refused (exit {code}): {error[-2000:]}"
     return error.strip().removeprefix("error: ")
@@ -187,7 +251,7 @@ def _case_names():
 def _placeholder_fixtures() -> dict[str, Path]:
     return {key: Path(f"/placeholder/{key}") for key in ("empty_dir", "weightless", "no_tokenizer", "other_tokenizer",
                                                          "small_embedding", "no_template", "bad_columns", "not_string",
-                                                         "long_rows", "few_rows", "text_file")}
+                                                         "long_rows", "few_rows", "text_file", "retrained_augment")}
 
 
 @pytest.mark.parametrize("name", _case_names())
@@ -195,14 +259,12 @@ def test_the_mistake_is_refused_before_any_worker_touching_nothing(name, project
     import ray
 
     case = next(c for c in cases(project, made, tmp_path) if c.name == name)
-    earlier = tmp_path / "runs" / "user"
-    earlier.mkdir(parents=True)
-    (earlier / "metrics.jsonl").write_text(EARLIER_METRICS)
+    earlier = leave_earlier_run(project, tmp_path, case.earlier_checkpoint)
+    before = snapshot(earlier)
     message = run_case(case, project, tmp_path)
     assert re.search(case.message, message), f"{name}: {message}"
-    assert not ray.is_initialized()  # the default launcher never started
-    assert sorted(path.name for path in earlier.iterdir()) == ["metrics.jsonl"]
-    assert (earlier / "metrics.jsonl").read_text() == EARLIER_METRICS
+    assert not ray.is_initialized()  # the default launcher never started (or, for capacity, was stopped unused)
+    assert snapshot(earlier) == before
 
 
 def test_the_catalogue_lists_every_case():
@@ -224,8 +286,9 @@ HEADER = """# Refusals: user mistakes caught before any worker starts
 
 Each row is a mistake a user can make, the message `python -m launcher.train` prints for it (exit code 2),
 and the test case that proves it: `tests/test_refusals.py::test_the_mistake_is_refused_before_any_worker_touching_nothing[<case>]`
-runs the command on the default launcher (Ray) and checks the message, that Ray was never started, and that
-an earlier run in the same run directory is untouched. Paths are shortened to `…`. Regenerate this page with
+runs the command on the default launcher (Ray) and checks the message, that Ray was never started (for the
+cluster's capacity: started to learn it, stopped before any worker was placed), and that an earlier run in the
+same run directory — its metrics and, for the resume cases, its checkpoint — is untouched. Paths are shortened to `…`. Regenerate this page with
 `python -m tests.test_refusals` after changing a case or a message.
 
 """
@@ -238,6 +301,9 @@ if __name__ == "__main__":  # regenerate docs/refusals.md
     root = Path(tempfile.mkdtemp())
     project = make_project(root / "project")
     made = _fixtures(project, root)
-    messages = {case.name: run_case(case, project, root / case.name) for case in cases(project, made, root)}
+    messages = {}
+    for case in cases(project, made, root):
+        leave_earlier_run(project, root / case.name, case.earlier_checkpoint)
+        messages[case.name] = run_case(case, project, root / case.name)
     DOC.write_text(HEADER + catalogue(project, made, root, messages) + "\n")
     print(DOC)
