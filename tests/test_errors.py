@@ -66,16 +66,12 @@ def test_generate_rejects_negative_length():
 # ---- the job: refused before any worker starts, naming the key, touching nothing of an earlier run
 
 
-def _other_tokenizer_model(project, root):
-    """A model with another BPE tokenizer (other merges) of the same size as the project's."""
-    from tests.user_project import bpe_tokenizer, tiny_causal_lm
+def _tokenizer_bigger_than_its_model(root):
+    """A model with a tokenizer of its own (chunks of 2 characters, 1125 tokens) but an embedding of 64 rows."""
+    from tests.user_project import chunk_tokenizer, tiny_causal_lm
 
-    tokenizer = bpe_tokenizer(vocab_size=len(project.tokenizer) - 20)
-    tokenizer.add_tokens([f"<extra_{i}>" for i in range(len(project.tokenizer) - len(tokenizer))])
-    assert len(tokenizer) == len(project.tokenizer)
-    model = tiny_causal_lm("llama", len(tokenizer), hidden=32, layers=4, heads=4, seed=3, eos_id=tokenizer.eos_token_id)
-    model.save_pretrained(root / "other")
-    tokenizer.save_pretrained(root / "other")
+    tiny_causal_lm("llama", 64, hidden=32, layers=4, heads=4, seed=3, eos_id=2).save_pretrained(root / "other")
+    chunk_tokenizer(2, False).save_pretrained(root / "other")
     return root / "other"
 
 
@@ -88,7 +84,8 @@ def _bad_columns(project, root):
 @pytest.mark.parametrize("case,needle", [
     ("anchor_path", r"config key 'anchor.model.path'.*holds no saved Hugging Face model"),
     ("data_path", r"config key 'data.train'.*does not exist"),
-    ("tokenizer", r"config key 'augment\[0\].model.path': the augmenting model's tokenizer is not the anchor's"),
+    ("tokenizer", r"config key 'augment\[0\].model.path': the tokenizer has 1125 tokens but the model's embedding "
+                  r"has only 64 rows"),
     ("columns", r"config key 'data.train'.*found \['input', 'output'\], accepted"),
     ("max_length", r"config key 'data.max_length': 1000 tokens is more than the model .* covers \(128 positions\)"),
     ("connections", r"config key 'composition.connections'.*augment layer 9 is out of range"),
@@ -105,7 +102,7 @@ def test_user_errors_are_refused_before_any_worker_naming_the_key(project, tmp_p
     changes = {
         "anchor_path": [f"anchor.model.path={tmp_path / 'nowhere'}"],
         "data_path": [f"data.train={tmp_path / 'missing.jsonl'}"],
-        "tokenizer": [f"augment.model.path={_other_tokenizer_model(project, tmp_path)}"],
+        "tokenizer": [f"augment.model.path={_tokenizer_bigger_than_its_model(tmp_path)}"],
         "columns": [f"data.train={_bad_columns(project, tmp_path)}"],
         "max_length": ["data.max_length=1000"],
         "connections": ["composition.connections=[[9, 0]]"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -49,6 +49,27 @@ def token_end_offsets(tokenizer, texts: Sequence[str]) -> AugmentInput:
     mask = encoded["attention_mask"]
     ends = encoded["offset_mapping"][..., 1].masked_fill(mask == 0, 0)
     return AugmentInput(encoded["input_ids"], mask, ends)
+
+
+def batch_alignment(batch: Mapping[str, torch.Tensor], columns: Sequence[str | None], device=None) -> dict:
+    """``CALMModel.forward``'s ``augment_inputs`` and ``anchor_end_offsets`` for a batch of pre-tokenised rows
+    (as ``data_pipeline``'s readers write them): the anchor tokens' ``end_offsets`` and, per augmenting model
+    with its own tokenizer, ``<column>_input_ids``, ``<column>_attention_mask``, ``<column>_end_offsets``.
+    ``columns``: per augmenting model, its tokenisation's name, None = it reads the anchor's ids. Empty when
+    every model reads the anchor's ids."""
+    if all(column is None for column in columns):
+        return {}
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in batch:
+            raise ValueError(f"the batch has no {key!r}: read it with a layout that carries every augmenting "
+                             "tokenisation (data_pipeline.anchor_layout)")
+        return batch[key] if device is None else batch[key].to(device)
+
+    inputs = [None if column is None else AugmentInput(tensor(f"{column}_input_ids"), tensor(f"{column}_attention_mask"),
+                                                       tensor(f"{column}_end_offsets"))
+              for column in columns]
+    return {"augment_inputs": inputs, "anchor_end_offsets": tensor("end_offsets")}
 
 
 def reach(end_offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

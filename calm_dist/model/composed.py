@@ -266,20 +266,27 @@ class CompositionSpec:
     connections: tuple[tuple[tuple[int, int], ...], ...]
     relative_scale: bool = False
     seed: int = 0
+    # per augmenting model: whether it reads its own tokenizer's tokens (aligned by character offsets);
+    # empty = every model reads the anchor's ids
+    own_tokenizer: tuple[bool, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"connections": [[list(pair) for pair in pairs] for pairs in self.connections],
+        data = {"connections": [[list(pair) for pair in pairs] for pairs in self.connections],
                 "relative_scale": self.relative_scale, "seed": self.seed}
+        if any(self.own_tokenizer):  # absent when all share the anchor's: earlier records stay equal
+            data["own_tokenizer"] = list(self.own_tokenizer)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompositionSpec":
         return cls(tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in data["connections"]),
-                   bool(data["relative_scale"]), int(data["seed"]))
+                   bool(data["relative_scale"]), int(data["seed"]),
+                   tuple(bool(own) for own in data.get("own_tokenizer", ())))
 
     def build(self, anchor: nn.Module, augments: Sequence[nn.Module] | None,
               augment_shapes: Sequence[ModelShape]) -> "CALMModel":
         return build_calm(anchor, augments, augment_shapes, self.connections, relative_scale=self.relative_scale,
-                          seed=self.seed)
+                          seed=self.seed, own_tokenizer=self.own_tokenizer or None)
 
 
 def build_calm(anchor: nn.Module, augments: Sequence[nn.Module] | None, augment_shapes: Sequence[ModelShape],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 import data_pipeline as dp
+from calm_dist.model.alignment import batch_alignment
 from calm_dist.model.loss import TokenStatistics, predicting_positions, token_statistics
 from calm_dist.reports import EvalReport, EvalTotals
 
@@ -19,11 +20,13 @@ def totals_of(statistics: TokenStatistics) -> EvalTotals:
     return EvalTotals(float(statistics.loss_sum.detach()), statistics.tokens, statistics.exact_rows, statistics.rows)
 
 
-def calm_statistics(model) -> BatchStatistics:
-    """Statistics of a composed model (``CALMModel``) on one batch."""
+def calm_statistics(model, augment_columns: Sequence[str | None] = ()) -> BatchStatistics:
+    """Statistics of a composed model (``CALMModel``) on one batch. ``augment_columns``: per augmenting model, the
+    batch's tokenisation it reads (``batch_alignment``); empty = every model reads the anchor's ids."""
     def statistics(batch: dict) -> TokenStatistics:
         return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     logits_for="labels", row_weight=batch.get("row_weight")).statistics
+                     logits_for="labels", row_weight=batch.get("row_weight"),
+                     **batch_alignment(batch, augment_columns)).statistics
 
     return statistics
 

@@ -74,13 +74,20 @@ def run_dir_for(config: Config) -> Path:
     return run_dir
 
 
+def augment_tokenizers(models: ModelPlan) -> list[dp.AugmentTokenizer | None]:
+    """Per augmenting model, its own tokenizer with its position limit (None: it reads the anchor's tokens)."""
+    return [None if tokenizer is None else dp.AugmentTokenizer(tokenizer, facts.max_positions)
+            for tokenizer, facts in zip(models.augment_tokenizers or [None] * len(models.augment_dirs),
+                                        models.augment_facts)]
+
+
 def prepare_job(config: Config, log=print) -> PreparedJob:
     """Every check of the config, its models, tokenizers and data; then the tokenised data. Raises
     ValueError/FileNotFoundError naming the config key before anything of a run is written."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     models, tokenizer = plan_models(config)
-    data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log)
+    data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log, augment_tokenizers(models))
     _check_rows(config, data)
     return PreparedJob(config, models, data, run_dir_for(config))
 
@@ -154,6 +161,7 @@ def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], 
         "timings": timer.summary(),
         "base_models": base_models_summary(job.models),
         "tokenizer": str(job.models.tokenizer_dir),
+        "augment_tokenizers": [None if path is None else str(path) for path in job.models.augment_tokenizer_dirs],
         "composition": job.models.composition.to_dict(),
         "composition_parameters": sum(value.numel() for value in composition_state.values()),
         "data": {"directory": str(job.data.directory),
