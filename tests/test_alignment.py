@@ -160,18 +160,66 @@ def hand_tokenised(name, text):
     return AugmentInput(ids, torch.ones_like(ids), torch.tensor([ends]))
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "recomputed"])
 @pytest.mark.parametrize("setup", sorted(SETUPS))
-def test_generate_text_equals_a_stepwise_full_forward_argmax(setup):
+def test_generate_text_equals_a_stepwise_full_forward_argmax(setup, use_cache):
     names = SETUPS[setup]
     model = composed(names)
     prompts = ["ab ba b", "b", "a ab"]
     tokenizers = [None if name is None else TOKENIZERS[name] for name in names]
-    result = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=6, eos_token_id=None)
+    result = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=6, eos_token_id=None,
+                           use_cache=use_cache)
     expected = [stepwise_reference(model, names, prompt, 6) for prompt in prompts]
     assert result.new_token_ids == expected
     assert len({tuple(ids) for ids in expected}) > 1  # the prompts steer the output
     for prompt, text, ids in zip(prompts, result.texts, result.new_token_ids):
         assert text == prompt + ANCHOR_TOKENIZER.decode(ids, skip_special_tokens=True)
+
+
+def word_tokenizer():
+    """Whole words of ``ALPHABET`` (runs of non-spaces, runs of spaces) as tokens: text appended to the last word
+    re-cuts the last token, as a BPE merging across the new text does."""
+    import itertools
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    for length in range(1, 9):
+        for word in itertools.product("ab", repeat=length):
+            vocab["".join(word)] = len(vocab)
+        vocab[" " * length] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S+|\s+"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_cached_generation_recomputes_what_a_re_cut_changes_and_nothing_else():
+    words = word_tokenizer()
+    anchor = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1, vocab=len(ANCHOR_TOKENIZER))
+    with torch.no_grad():
+        anchor.lm_head.weight[[PAD, BOS, EOS]] = 0
+    augments = [tiny_model("gpt2", hidden=32, layers=4, heads=4, seed=2, vocab=len(words)),
+                tiny_model("qwen2", hidden=32, layers=4, heads=4, seed=3, vocab=len(TOKENIZERS["chunks of 3"]))]
+    model = calm_dist.compose(anchor, augments, connections=[[(0, -1), (3, 2)], CONNECTIONS["chunks of 3"]],
+                              shared_tokenizer=False)
+    randomise_bridges(model)
+    prompts = ["ab ba b", "bab", "a ab  b"]
+    tokenizers = [words, TOKENIZERS["chunks of 3"]]
+    cached = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=8, eos_token_id=None)
+    full = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=8, eos_token_id=None,
+                         use_cache=False)
+    assert cached.new_token_ids == full.new_token_ids and cached.texts == full.texts
+    assert len({tuple(ids) for ids in full.new_token_ids}) > 1
+    anchor_work, word_work, chunk_work = cached.work
+    prompt_tokens = sum(len(ANCHOR_TOKENIZER(prompt)["input_ids"]) for prompt in prompts)
+    final_chunks = sum(len(TOKENIZERS["chunks of 3"](text)["input_ids"]) for text in cached.texts)
+    final_words = sum(len(words(text)["input_ids"]) for text in cached.texts)
+    assert prompt_tokens + 3 * 8 <= anchor_work < full.work[0]  # re-cut words make some anchor positions rerun
+    assert final_words < word_work < full.work[1]  # re-cut last words rerun, nothing else
+    # Chunks of 3 re-cut their last, partial chunk as text is appended
+    assert final_chunks <= chunk_work < full.work[2] / 3
 
 
 def test_generate_text_stops_a_row_at_eos():
@@ -195,8 +243,16 @@ def test_misused_alignment_inputs_raise_clear_errors():
         model(anchor.input_ids, anchor.attention_mask, augment_inputs=own)
     with pytest.raises(ValueError, match="expected 2 entries"):
         model(anchor.input_ids, anchor.attention_mask, augment_inputs=own[:1], anchor_end_offsets=anchor.end_offsets)
-    with pytest.raises(ValueError, match="without caches"):
-        model.step(anchor.input_ids, anchor.attention_mask, caches=model.new_caches(), augment_inputs=own,
+    caches = model.new_caches()  # fresh caches: a cached step over everything is the full forward
+    with torch.no_grad():
+        stepped = model.step(anchor.input_ids, anchor.attention_mask, caches=caches, augment_inputs=own,
+                             anchor_end_offsets=anchor.end_offsets).logits
+        full = model(anchor.input_ids, anchor.attention_mask, augment_inputs=own,
+                     anchor_end_offsets=anchor.end_offsets).logits
+    torch.testing.assert_close(stepped, full)
+    caches["bridges"][0].crop(1)  # model 0's cache and its bridges' projected keys no longer agree
+    with pytest.raises(ValueError, match=r"augment_inputs\[0\] with caches: .*crop them to one prefix"):
+        model.step(anchor.input_ids[:, -1:], anchor.attention_mask, caches=caches, augment_inputs=own,
                    anchor_end_offsets=anchor.end_offsets)
     with pytest.raises(ValueError, match="one \\[batch, length\\] shape"):
         AugmentInput(own[0].input_ids, own[0].attention_mask[:, :1], own[0].end_offsets)

@@ -217,3 +217,46 @@ def test_distributed_matches_single_process_and_no_anchor_token_reads_past_its_e
           f"after the offset up to {largest_after:.2e}")
     assert compared >= 3 * LEAK_ROWS and largest_same <= 1e-6
     assert largest_after > 1e-3
+
+
+RAY_NODES = [{"num_cpus": 1, "resources": {"anchor": 2}}, {"num_cpus": 1, "resources": {"augment": 2}}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from launcher.simulated_cluster import simulated_cluster
+
+    with simulated_cluster(RAY_NODES) as running:
+        yield running
+
+
+@pytest.mark.timeout(600)
+def test_the_job_on_a_simulated_two_node_ray_cluster_matches_the_single_process_run(job, reference, cluster):
+    import copy
+    import json
+
+    import ray
+
+    from calm_dist.train.report import read_jsonl
+    from launcher.ray_job import run_ray_job
+
+    config = copy.deepcopy(job.config)
+    config.run.launcher, config.parallel.anchor_ranks, config.parallel.timeout_s = "ray", 2, 120
+    config.ray.cpus_per_worker = 0.5
+    config.ray.anchor_resources, config.ray.augment_resources = {"anchor": 1}, {"augment": 1}
+    run_dir = run_ray_job(config)
+    reference_losses, reference_evals, _ = reference
+    losses = [record["loss"] for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record]
+    print(f"own tokenizers on Ray (2 nodes, 2 anchor ranks + 1 stage per model): max |Ray - single-process| loss "
+          f"over {STEPS} steps: {max(abs(a - b) for a, b in zip(losses, reference_losses)):.2e}")
+    assert len(losses) == STEPS and max(abs(a - b) for a, b in zip(losses, reference_losses)) <= 1e-4
+    results = json.loads((run_dir / "results.json").read_text())
+    for (step, name), expected in reference_evals.items():
+        assert abs(results["anchor" if step == 0 else "calm"][f"{name}_loss"] - expected.loss) <= 1e-4, (step, name)
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    resources = {node["NodeID"]: node["Resources"] for node in ray.nodes()}
+    nodes = summary["placement"]["nodes_by_rank"]
+    assert nodes[0] == nodes[1] and resources[nodes[0]].get("anchor")
+    assert nodes[2] == nodes[3] != nodes[0] and resources[nodes[2]].get("augment")
+    assert summary["augment_tokenizers"] == [str(path) for path in job.models.augment_tokenizer_dirs]
+    assert summary["data"]["splits"]["train"]["augment_longest"]["aug1"] > summary["data"]["splits"]["train"]["longest"]

@@ -28,6 +28,15 @@ class ProjectedKV:
         self.keys, self.values = keys, values
         return keys, values
 
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions (an augmenting model re-cut its later tokens)."""
+        if self.keys is not None and self.keys.shape[2] > length:
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+
 
 @dataclass
 class CrossMask:

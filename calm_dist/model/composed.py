@@ -128,9 +128,11 @@ class CALMModel(nn.Module):
         for index, (own, cache) in enumerate(zip(augment_inputs, caches)):
             if own is None:
                 states += self._tapped_states(index, input_ids, attention_mask, position_ids, cache)
-            else:
-                own_positions = position_ids_from_mask(own.attention_mask)
-                states += self._tapped_states(index, own.input_ids, own.attention_mask, own_positions, cache)
+            else:  # its own tokens: those past what its cache holds are new
+                cached = 0 if cache is None else cache.get_seq_length()
+                own_positions = position_ids_from_mask(own.attention_mask)[:, cached:]
+                states += self._tapped_states(index, own.input_ids[:, cached:], own.attention_mask, own_positions,
+                                              cache)
         return states
 
     def _tapped_states(self, index, input_ids, attention_mask, position_ids, cache) -> list[torch.Tensor]:
@@ -156,8 +158,7 @@ class CALMModel(nn.Module):
         if all(own is None for own in augment_inputs):
             return list(augment_inputs)
         if caches is not None:
-            raise ValueError("augment_inputs need a full forward without caches: re-tokenising a longer text "
-                             "can change earlier augment tokens")
+            self._check_own_caches(augment_inputs, caches)
         if anchor_end_offsets is None or tuple(anchor_end_offsets.shape) != tuple(attention_mask.shape):
             raise ValueError("augment_inputs need anchor_end_offsets, shaped like the anchor's attention_mask "
                              f"{tuple(attention_mask.shape)}")
@@ -167,6 +168,25 @@ class CALMModel(nn.Module):
                 raise ValueError(f"augment_inputs[{index}] has batch size {own.input_ids.shape[0]}, "
                                  f"the anchor's is {batch}")
         return [None if own is None else own.to(attention_mask.device) for own in augment_inputs]
+
+    def _check_own_caches(self, augment_inputs, caches: dict) -> None:
+        """With caches, a model reading its own tokens holds the first P of them in its cache and its bridges'
+        projected keys/values (the caller crops all of them to the prefix its new tokenisation kept)."""
+        if self.augments[0] is None:
+            return  # the states come from elsewhere
+        augment_caches = caches.get("augments") or [None] * len(augment_inputs)
+        bridge_caches = caches.get("bridges") or [None] * len(self.bridges)
+        for index, own in enumerate(augment_inputs):
+            if own is None:
+                continue
+            cached = None if augment_caches[index] is None else augment_caches[index].get_seq_length()
+            held = {bridge_cache.length if bridge_cache is not None else None
+                    for bridge_cache, source in zip(bridge_caches, self.bridge_sources) if source == index}
+            if cached is None or held != {cached} or cached > own.input_ids.shape[-1]:
+                raise ValueError(f"augment_inputs[{index}] with caches: its model's cache holds {cached} positions and "
+                                 f"its bridges' projected keys {sorted(held, key=str)}, of its "
+                                 f"{own.input_ids.shape[-1]} tokens; give every cache and crop them to one prefix of "
+                                 "its tokenisation")
 
     def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets):
         """One mask per augmenting model; models reading the anchor's ids share the index-based one."""
@@ -191,7 +211,10 @@ class CALMModel(nn.Module):
         model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
         ``augment_inputs`` (one per augmenting model, None = reads the anchor's ids) gives models
         with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
-        ``anchor_end_offsets`` ``[B, T]`` (see ``alignment.py``), and the forward must be a full one.
+        ``anchor_end_offsets`` ``[B, T]`` over all T tokens so far (see ``alignment.py``). With ``caches``
+        such a model's inputs are its whole tokenisation so far: its cache and its bridges' projected
+        keys/values hold the first P tokens of it and the tokens from P on run (``generate_text`` crops them
+        to the prefix a re-tokenisation kept).
         """
         past_len = attention_mask.shape[-1] - input_ids.shape[-1]
         position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
