@@ -195,7 +195,8 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def test_cached_generation_recomputes_what_a_re_cut_changes_and_nothing_else():
+def re_cut_model():
+    """Two augmenting models with their own tokenizers that re-cut their last token as text is appended."""
     words = word_tokenizer()
     anchor = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1, vocab=len(ANCHOR_TOKENIZER))
     with torch.no_grad():
@@ -205,21 +206,41 @@ def test_cached_generation_recomputes_what_a_re_cut_changes_and_nothing_else():
     model = calm_dist.compose(anchor, augments, connections=[[(0, -1), (3, 2)], CONNECTIONS["chunks of 3"]],
                               shared_tokenizer=False)
     randomise_bridges(model)
+    return model, [words, TOKENIZERS["chunks of 3"]]
+
+
+def test_cached_generation_reruns_what_a_re_cut_changes_and_equals_a_full_forward_every_step():
+    from calm_dist.model.generation import AlignedCaches
+
+    model, tokenizers = re_cut_model()
+    row = ANCHOR_TOKENIZER("a ab  b")["input_ids"]
+    caches = AlignedCaches(model, ANCHOR_TOKENIZER, tokenizers)
+    appended = [ANCHOR_TOKENIZER.convert_tokens_to_ids(t) for t in ["b", "ab", " a", "bb", "b ", "a", "ba", " "]]
+    for token in appended:  # the words re-cut their last token at most steps; chunks of 3 their partial one
+        logits = caches.next_logits(row)
+        text, ends = decode_with_end_offsets(ANCHOR_TOKENIZER, row)  # generated rows need not be text's own cut
+        with torch.no_grad():
+            full = model(torch.tensor([row]), anchor_end_offsets=torch.tensor([ends]),
+                         augment_inputs=[token_end_offsets(tokenizer, [text]) for tokenizer in tokenizers]).logits
+        torch.testing.assert_close(logits, full[0, -1], atol=1e-5, rtol=1e-5)
+        row = row + [token]
+    steps = len(appended)
+    words_final = len(tokenizers[0](text)["input_ids"])
+    assert caches.work[0] > len(row) - 1  # some anchor positions read a re-cut word and ran again
+    assert words_final < caches.work[1] < words_final + steps + 1  # only the re-cut last word ran again
+    with pytest.raises(ValueError, match="give the same row with new tokens appended"):
+        caches.next_logits(row[:2])
+
+
+def test_cached_generate_text_equals_recomputed_generate_text_with_re_cuts():
+    model, tokenizers = re_cut_model()
     prompts = ["ab ba b", "bab", "a ab  b"]
-    tokenizers = [words, TOKENIZERS["chunks of 3"]]
     cached = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=8, eos_token_id=None)
     full = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=8, eos_token_id=None,
                          use_cache=False)
     assert cached.new_token_ids == full.new_token_ids and cached.texts == full.texts
     assert len({tuple(ids) for ids in full.new_token_ids}) > 1
-    anchor_work, word_work, chunk_work = cached.work
-    prompt_tokens = sum(len(ANCHOR_TOKENIZER(prompt)["input_ids"]) for prompt in prompts)
-    final_chunks = sum(len(TOKENIZERS["chunks of 3"](text)["input_ids"]) for text in cached.texts)
-    final_words = sum(len(words(text)["input_ids"]) for text in cached.texts)
-    assert prompt_tokens + 3 * 8 <= anchor_work < full.work[0]  # re-cut words make some anchor positions rerun
-    assert final_words < word_work < full.work[1]  # re-cut last words rerun, nothing else
-    # Chunks of 3 re-cut their last, partial chunk as text is appended
-    assert final_chunks <= chunk_work < full.work[2] / 3
+    assert all(cached_work < 0.5 * full_work for cached_work, full_work in zip(cached.work, full.work))
 
 
 def test_generate_text_stops_a_row_at_eos():

@@ -124,9 +124,9 @@ def generate_text(
     work = [0] * (1 + len(augment_tokenizers))
     if use_cache:
         for index, row in enumerate(rows):
-            cached = _RowCaches(model, anchor_tokenizer, augment_tokenizers, index)
+            cached = AlignedCaches(model, anchor_tokenizer, augment_tokenizers, index)
             for _ in range(max_new_tokens):
-                token = cached.next_token(row)
+                token = int(cached.next_logits(row).argmax())
                 row.append(token)
                 new_ids[index].append(token)
                 if token == eos_token_id:
@@ -189,11 +189,13 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-class _RowCaches:
-    """One prompt's caches across tokenizers, with what they were computed from: the anchor tokens' end
-    offsets and each own-tokenizer model's tokens (ids and end offsets)."""
+class AlignedCaches:
+    """One text's caches across tokenizers, with what they were computed from: the anchor tokens' end
+    offsets and each own-tokenizer model's tokens (ids and end offsets). ``next_logits(row)`` gives the
+    next-token logits after the anchor tokens ``row`` (the previous call's row plus new tokens), rerunning
+    only what changed (see ``generate_text``)."""
 
-    def __init__(self, model, anchor_tokenizer, augment_tokenizers: Sequence, prompt_index: int):
+    def __init__(self, model, anchor_tokenizer, augment_tokenizers: Sequence, prompt_index: int = 0):
         self.model, self.anchor_tokenizer = model, anchor_tokenizer
         self.tokenizers = list(augment_tokenizers)
         self.prompt_index = prompt_index
@@ -203,7 +205,10 @@ class _RowCaches:
         self.work = [0] * (1 + len(self.tokenizers))  # positions computed: anchor, then each augmenting model
         self.device = next(model.anchor.parameters()).device
 
-    def next_token(self, row: list[int]) -> int:
+    def next_logits(self, row: list[int]) -> torch.Tensor:
+        if len(row) <= len(self.anchor_ends):
+            raise ValueError(f"next_logits: {len(row)} anchor tokens, but {len(self.anchor_ends)} were computed "
+                             "already: give the same row with new tokens appended")
         text, ends = decode_with_end_offsets(self.anchor_tokenizer, row)
         anchor_reach = list(itertools.accumulate(ends, max))
         keep = _common_prefix(self.anchor_ends, ends)  # cached anchor positions whose end offset is unchanged
@@ -240,7 +245,7 @@ class _RowCaches:
             if own is not None:
                 self.augment_tokens[index] = own
         self.anchor_ends = ends
-        return int(logits[0, -1].argmax())
+        return logits[0, -1]
 
     def _crop(self, keep: int, kept: list[int | None]) -> None:
         """Anchor (and shared-tokenizer models) to ``keep`` positions, each own-tokenizer model to its kept prefix."""
