@@ -121,6 +121,23 @@ def test_an_augmenting_tokenisation_longer_than_its_model_follows_the_overlong_r
         prepared_job(project, tmp_path, f"augment={{model: {{path: {tiny}}}, connections: [[1, 0], [2, 2]]}}")
 
 
+def test_evaluation_in_one_process_reads_every_tokenisation(job, reference):
+    from calm_dist.model import token_end_offsets
+    from calm_dist.train.evaluate import calm_statistics, evaluate_set
+    from calm_dist.train.job import build_local_model
+
+    model = build_local_model(job)  # bridges at zero: step 0
+    statistics = calm_statistics(model, job.data.augment_columns)
+    layout = dp.anchor_layout(job.data.augment_columns, job.data.pad_ids)
+    report = evaluate_set(statistics, job.data.eval_dir("eval"), "eval", 5, job.data.pad_id, layout=layout)
+    assert abs(report.loss - reference[1][(0, "eval")].loss) <= 1e-5
+    with pytest.raises(ValueError, match="the batch has no 'aug0_input_ids'.*anchor_layout"):
+        evaluate_set(statistics, job.data.eval_dir("eval"), "eval", 5, job.data.pad_id)
+    padded = token_end_offsets(chunk_tokenizer(2, False), ["big dog", "a"])  # a tokenizer without a pad token
+    assert padded.attention_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert padded.end_offsets.tolist() == [[2, 4, 6, 7], [1, 0, 0, 0]]
+
+
 def with_plan(job, anchor_ranks: int):
     inputs = runtime_inputs(job)
     return dataclasses.replace(inputs, parallel=dataclasses.replace(inputs.parallel, anchor_ranks=anchor_ranks))

@@ -39,16 +39,25 @@ class AugmentInput:
 
 
 def token_end_offsets(tokenizer, texts: Sequence[str]) -> AugmentInput:
-    """Tokenise ``texts`` (special tokens included, padded to the longest) with the end offset of
-    every token, from a Hugging Face fast tokenizer's offset mapping. Padding gets offset 0."""
+    """Tokenise ``texts`` (special tokens included, padded to the longest on the tokenizer's padding side, with
+    its pad token, else EOS, else 0: a tokenizer need not have a pad token) with the end offset of every
+    token, from a Hugging Face fast tokenizer's offset mapping. Padding gets offset 0."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is not a fast tokenizer: end offsets need return_offsets_mapping"
         )
-    encoded = tokenizer(list(texts), padding=True, return_offsets_mapping=True, return_tensors="pt")
-    mask = encoded["attention_mask"]
-    ends = encoded["offset_mapping"][..., 1].masked_fill(mask == 0, 0)
-    return AugmentInput(encoded["input_ids"], mask, ends)
+    encoded = tokenizer(list(texts), return_offsets_mapping=True)
+    width = max(len(ids) for ids in encoded["input_ids"])
+    pad = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None), 0)
+    ids = torch.full((len(texts), width), pad, dtype=torch.long)  # padding is masked: any id works
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    ends = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, (row_ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+        span = slice(width - len(row_ids), width) if tokenizer.padding_side == "left" else slice(0, len(row_ids))
+        ids[row, span] = torch.tensor(row_ids, dtype=torch.long)
+        mask[row, span] = 1
+        ends[row, span] = torch.tensor([end for _, end in offsets], dtype=torch.long)
+    return AugmentInput(ids, mask, ends)
 
 
 def batch_alignment(batch: Mapping[str, torch.Tensor], columns: Sequence[str | None], device=None) -> dict:

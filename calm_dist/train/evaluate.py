@@ -43,9 +43,11 @@ def causal_lm_statistics(model) -> BatchStatistics:
 
 @torch.no_grad()
 def evaluate_set(statistics: BatchStatistics, directory: str | Path, name: str, batch_size: int, pad_id: int,
-                 step: int = 0) -> EvalReport:
+                 step: int = 0, layout: dp.BatchLayout = dp.BatchLayout()) -> EvalReport:
+    """``layout``: what the batches carry; a composition with augmenting models of their own tokenizers needs
+    ``dp.anchor_layout(data.augment_columns, data.pad_ids)`` (and ``calm_statistics(model, data.augment_columns)``)."""
     started = time.perf_counter()
-    batches = dp.EvalBatches(directory, batch_size, pad_id=pad_id)
+    batches = dp.EvalBatches(directory, batch_size, pad_id=pad_id, layout=layout)
     totals = EvalTotals()
     for index in range(len(batches)):
         totals = totals.add(totals_of(statistics(batches.batch(index))))
