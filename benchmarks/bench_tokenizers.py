@@ -15,9 +15,9 @@ Figures
 2. generation_own_tokenizer_cached_over_recompute_time: ``generate_text`` on the same kind of pair (wider models,
    so compute dominates; random weights, EOS never stops a row), seconds per generated token with every cache
    kept across re-tokenisation (``use_cache=True``) / with the whole aligned forward recomputed every step
-   (``use_cache=False``), timed alternately in one process. Extra keys: positions each model computed per new
-   token either way, and the same prompt through the shared-tokenizer cached path (``CALMModel.generate``)
-   for scale.
+   (``use_cache=False``), interleaved in one process with the same prompt through the shared-tokenizer cached
+   path (``CALMModel.generate``, an augmenting model of the anchor's vocabulary) for scale. Extra keys:
+   positions each model computed per new token either way.
 """
 from __future__ import annotations
 
@@ -126,39 +126,38 @@ def generation_figure(mode: Mode) -> str:
     import random
 
     from calm_dist.model.generation import generate_text
-    from tests.user_project import WORDS
-
-    from tests.user_project import chunk_tokenizer
+    from tests.user_project import WORDS, chunk_tokenizer
 
     torch.set_num_threads(1)
     augment_tokenizer = chunk_tokenizer(2, False)
     model, anchor_tokenizer = composed_pair(mode, len(augment_tokenizer))
     rng = random.Random(5)
     prompt = " ".join(rng.choice(WORDS) for _ in range(mode.prompt_words)) + " =>"
-    timings = {"cached": [], "recomputed": []}
+    shared, _ = composed_pair(mode, None)
+    ids = torch.tensor([anchor_tokenizer(prompt)["input_ids"]])
+    runs = {"cached": lambda: generate_text(model, anchor_tokenizer, [augment_tokenizer], [prompt], mode.new_tokens,
+                                            eos_token_id=None, use_cache=True),
+            "recomputed": lambda: generate_text(model, anchor_tokenizer, [augment_tokenizer], [prompt],
+                                                mode.new_tokens, eos_token_id=None, use_cache=False),
+            "shared": lambda: shared.generate(ids, max_new_tokens=mode.new_tokens, eos_token_id=None)}
+    timings = {name: [] for name in runs}
     outputs = {}
-    for _ in range(mode.repeats):
-        for name, use_cache in (("cached", True), ("recomputed", False)):
+    for repeat in range(mode.repeats):  # interleaved, in a rotated order, so load changes hit every run alike
+        names = list(runs)[repeat % len(runs):] + list(runs)[:repeat % len(runs)]
+        for name in names:
             started = time.perf_counter()
-            outputs[name] = generate_text(model, anchor_tokenizer, [augment_tokenizer], [prompt], mode.new_tokens,
-                                          eos_token_id=None, use_cache=use_cache)
+            outputs[name] = runs[name]()
             timings[name].append((time.perf_counter() - started) / mode.new_tokens)
     if outputs["cached"].new_token_ids != outputs["recomputed"].new_token_ids:
         raise RuntimeError("cached and recomputed generation disagree")
-    shared, _ = composed_pair(mode, None)
-    ids = torch.tensor([anchor_tokenizer(prompt)["input_ids"]])
-    shared_s = []
-    for _ in range(mode.repeats):
-        started = time.perf_counter()
-        shared.generate(ids, max_new_tokens=mode.new_tokens, eos_token_id=None)
-        shared_s.append((time.perf_counter() - started) / mode.new_tokens)
+    outputs.pop("shared")
     cached_s, recomputed_s = median(timings["cached"]), median(timings["recomputed"])
     per_token = {name: [round(count / mode.new_tokens, 1) for count in outputs[name].work] for name in outputs}
     text = outputs["cached"].texts[0]
     return figure_line(
         "generation_own_tokenizer_cached_over_recompute_time", cached_s / recomputed_s, 0.5, "lower",
         cached_ms_per_token=round(cached_s * 1e3, 2), recomputed_ms_per_token=round(recomputed_s * 1e3, 2),
-        shared_tokenizer_cached_ms_per_token=round(median(shared_s) * 1e3, 2),
+        shared_tokenizer_cached_ms_per_token=round(median(timings["shared"]) * 1e3, 2),
         positions_per_new_token={"cached": per_token["cached"], "recomputed": per_token["recomputed"],
                                  "order": ["anchor", "augment"]},
         prompt_anchor_tokens=int(ids.shape[1]), final_augment_tokens=len(augment_tokenizer(text)["input_ids"]),
