@@ -81,7 +81,8 @@ def wire_figure(work: Path, mode: Mode) -> str:
     layout = dp.BatchLayout(True, False, ((column, 0),))
     reader = dp.ShardedReader(job.data.train, job.config.train.batch_size, seed=job.config.run.seed, layout=layout)
     batches = [next(reader) for _ in range(mode.steps)]
-    hidden, taps = job.models.augment_facts[0].shape.hidden_size, len({a for a, _ in job.models.composition.connections[0]})
+    hidden = job.models.augment_facts[0].shape.hidden_size
+    taps = len({augment_layer for augment_layer, _ in job.models.composition.connections[0]})
     minimum = sum(batch[f"{column}_input_ids"].numel() for batch in batches) * taps * hidden * 4
     received = sum(r["bytes_received"] for r in reports)
     augment_tokens = sum(batch[f"{column}_input_ids"].numel() for batch in batches)

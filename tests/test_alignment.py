@@ -228,8 +228,10 @@ def test_cached_generation_reruns_what_a_re_cut_changes_and_equals_a_full_forwar
     words_final = len(tokenizers[0](text)["input_ids"])
     assert caches.work[0] > len(row) - 1  # some anchor positions read a re-cut word and ran again
     assert words_final < caches.work[1] < words_final + steps + 1  # only the re-cut last word ran again
-    with pytest.raises(ValueError, match="give the same row with new tokens appended"):
+    with pytest.raises(ValueError, match="with new tokens appended"):
         caches.next_logits(row[:2])
+    with pytest.raises(ValueError, match="with new tokens appended"):
+        caches.next_logits([row[1]] + row)
 
 
 def test_cached_generate_text_equals_recomputed_generate_text_with_re_cuts():

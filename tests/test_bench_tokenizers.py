@@ -13,5 +13,6 @@ def test_tokenizers_benchmark_quick():
     assert wire["value"] == 1.0  # exactly the augment's own taps at its own padded length
     assert wire["augment_over_anchor_padded_length"] > 1  # chunks of 2 characters: longer than the BPE's
     generation = figures["generation_own_tokenizer_cached_over_recompute_time"]
-    cached, recomputed = generation["positions_per_new_token"]["cached"], generation["positions_per_new_token"]["recomputed"]
+    positions = generation["positions_per_new_token"]
+    cached, recomputed = positions["cached"], positions["recomputed"]
     assert all(c < r for c, r in zip(cached, recomputed))

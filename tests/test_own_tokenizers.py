@@ -117,7 +117,8 @@ def test_an_augmenting_tokenisation_longer_than_its_model_follows_the_overlong_r
         assert split.augment_truncated > 0 and split.rows == split.rows_in and split.dropped_augment == 0
         assert max(lengths) == 16
     tiny = save_own_tokenizer_augment(project, 2, False, max_positions=2)
-    with pytest.raises(ValueError, match=r"config key 'data.train'.*no row.*longer than an augmenting model's positions"):
+    with pytest.raises(ValueError, match=r"config key 'data.train'.*no row.*longer than an augmenting model's "
+                                         r"positions"):
         prepared_job(project, tmp_path, f"augment={{model: {{path: {tiny}}}, connections: [[1, 0], [2, 2]]}}")
 
 

@@ -75,7 +75,8 @@ def batch_alignment(batch: Mapping[str, torch.Tensor], columns: Sequence[str | N
                              "tokenisation (data_pipeline.anchor_layout)")
         return batch[key] if device is None else batch[key].to(device)
 
-    inputs = [None if column is None else AugmentInput(tensor(f"{column}_input_ids"), tensor(f"{column}_attention_mask"),
+    inputs = [None if column is None else AugmentInput(tensor(f"{column}_input_ids"),
+                                                       tensor(f"{column}_attention_mask"),
                                                        tensor(f"{column}_end_offsets"))
               for column in columns]
     return {"augment_inputs": inputs, "anchor_end_offsets": tensor("end_offsets")}
@@ -110,11 +111,18 @@ def decode_with_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, l
     first k + 1 tokens stops agreeing with that text, so a token that completes nothing on its own
     (the first bytes of a multi-byte character, a special token) ends where the one before it did.
     """
-    text = _decode(tokenizer, token_ids)
-    ends = [len(os.path.commonprefix([_decode(tokenizer, token_ids[:count]), text]))
-            for count in range(1, len(token_ids) + 1)]
-    return text, ends
+    text = decode_text(tokenizer, token_ids)
+    prefixes = [decode_text(tokenizer, token_ids[:count]) for count in range(1, len(token_ids) + 1)]
+    return text, ends_in_text(prefixes, text)
 
 
-def _decode(tokenizer, token_ids: Sequence[int]) -> str:
+def ends_in_text(prefix_texts: Sequence[str], text: str) -> list[int]:
+    """Token k's end offset in ``text`` from the decoding of the first k + 1 tokens: where it stops agreeing
+    with ``text`` (``decode_with_end_offsets``; callers that grow a text keep the prefixes' decodings)."""
+    return [len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
+            for prefix in prefix_texts]
+
+
+def decode_text(tokenizer, token_ids: Sequence[int]) -> str:
+    """The text of ``token_ids`` as alignment reads it: special tokens skipped, spaces not cleaned up."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from calm_dist.model.alignment import AugmentInput, decode_with_end_offsets, token_end_offsets
+from calm_dist.model.alignment import (AugmentInput, decode_text, decode_with_end_offsets, ends_in_text,
+                                       token_end_offsets)
 from calm_dist.model.masks import to_left_padding
 
 
@@ -201,7 +202,9 @@ class AlignedCaches:
         self.prompt_index = prompt_index
         self.caches = model.new_caches()
         self.anchor_ends: list[int] = []
+        self.prefix_texts: list[str] = []  # the decoding of the first k + 1 anchor tokens, k = 0, 1, ...
         self.augment_tokens: list[list[tuple[int, int]]] = [[] for _ in self.tokenizers]
+        self.row: list[int] = []
         self.work = [0] * (1 + len(self.tokenizers))  # positions computed: anchor, then each augmenting model
         self.device = next(model.anchor.parameters()).device
 
@@ -209,7 +212,13 @@ class AlignedCaches:
         if len(row) <= len(self.anchor_ends):
             raise ValueError(f"next_logits: {len(row)} anchor tokens, but {len(self.anchor_ends)} were computed "
                              "already: give the same row with new tokens appended")
-        text, ends = decode_with_end_offsets(self.anchor_tokenizer, row)
+        if row[:len(self.prefix_texts)] != self.row[:len(self.prefix_texts)]:
+            raise ValueError("next_logits: give the row of the previous call with new tokens appended")
+        self.prefix_texts += [decode_text(self.anchor_tokenizer, row[:count])
+                              for count in range(len(self.prefix_texts) + 1, len(row) + 1)]
+        self.row = list(row)
+        text = decode_text(self.anchor_tokenizer, row)
+        ends = ends_in_text(self.prefix_texts, text)  # as decode_with_end_offsets, one new decoding per token
         anchor_reach = list(itertools.accumulate(ends, max))
         keep = _common_prefix(self.anchor_ends, ends)  # cached anchor positions whose end offset is unchanged
         tokens, kept = [], []
