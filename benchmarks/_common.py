@@ -64,6 +64,9 @@ def _rank_entry(rank: int, world_size: int, port: int, target, args, out_dir: st
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(threads)
     result = target(rank, world_size, *args)
+    from calm_dist.distributed.groups import leave_process_groups
+
+    leave_process_groups()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 

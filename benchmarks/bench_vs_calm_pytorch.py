@@ -1,8 +1,13 @@
 """calm_dist against the reference implementation CALM-Pytorch 0.2.2 (import name ``CALM_pytorch``).
 
-Run: ``python -m benchmarks.bench_vs_calm_pytorch [--quick] [--threads N]``. Prints one JSON line per
-figure on stdout (nothing else); progress goes to stderr. Only ratios measured side by side in this
-one process mean anything: repetitions of the two implementations are interleaved and medians taken.
+Run: ``python -m benchmarks.bench_vs_calm_pytorch [--quick] [--threads N] [--profile]``. Prints one JSON
+line per figure on stdout (nothing else); progress (and with ``--profile`` where generation time goes)
+goes to stderr. Only ratios measured side by side in this one process mean anything: repetitions of the
+two implementations are interleaved and medians taken.
+
+Figures: training-step time ratio; greedy generation tokens/s ratio at batch 8 and at batch 1 (64 new
+tokens after a 16-token prompt); and, for calm_dist alone, the time per generated token at 512 new tokens
+over that at 64 (the cache keeps a step's cost flat as the sequence grows).
 
 How the two are matched
 -----------------------
@@ -29,8 +34,9 @@ How the two are matched
   data[:, :T]`` for the augment. Same plain loop for both: loss, ``backward()``, ``torch.optim.AdamW``
   over the trainable parameters only, ``zero_grad(set_to_none=True)`` (not calm_pytorch's
   ``FineTuner``, which adds accelerate, a warm-up schedule and clipping).
-* Generation: same prompt batch, greedy, 64 new tokens, no EOS. Ours: ``model.generate`` (KV caches on
-  both models, bridge keys/values projected incrementally). Theirs: ``CALM.generate``, which runs the
+* Generation: same prompt batch, greedy, 64 new tokens, no EOS. Ours: ``CALMForCausalLM.generate``
+  (transformers' GenerationMixin over a CALMCache: KV caches on both models, bridge keys/values projected
+  incrementally, all grown in place). Theirs: ``CALM.generate``, which runs the
   augment once on the prompt, then re-runs the whole anchor over the whole sequence (plus one padding
   slot) for every new token: no KV cache. It only samples, so we pass a ``filter_fn`` that keeps just
   the top logit: its Gumbel sampling then returns the argmax. Its tqdm bar is turned off.
@@ -85,9 +91,10 @@ class BenchConfig:
     connections: tuple = ((1, 1), (3, 3))  # calm_dist convention: 0-based (augment, anchor) layers
     train_batch: int = 16
     train_len: int = 32
-    prompt_batch: int = 4
+    prompt_batch: int = 8
     prompt_len: int = 16
     new_tokens: int = 64
+    long_new_tokens: int = 512  # the flatness figure: time per token here vs at new_tokens
     lr: float = 1e-4
     seed: int = 0
 
@@ -103,10 +110,11 @@ class Repeats:
     train: int
     gen_warmup: int
     gen: int
+    long: int  # repetitions of each length in the flatness figure
 
 
-DEFAULT_REPEATS = Repeats(train_warmup=5, train=40, gen_warmup=1, gen=10)
-QUICK_REPEATS = Repeats(train_warmup=1, train=3, gen_warmup=1, gen=1)
+DEFAULT_REPEATS = Repeats(train_warmup=5, train=40, gen_warmup=1, gen=10, long=5)
+QUICK_REPEATS = Repeats(train_warmup=1, train=3, gen_warmup=1, gen=1, long=1)
 
 
 def log(message: str) -> None:
@@ -260,12 +268,21 @@ def reference_train_step(calm, data: torch.Tensor, lr: float) -> Callable[[], fl
     return step
 
 
+def ours_hf_model(model):
+    """The composition behind transformers' interface, as users generate with it; no EOS, so every call
+    generates its full length."""
+    from calm_dist import CALMForCausalLM
+
+    wrapped = CALMForCausalLM.from_composed(model).eval()
+    wrapped.generation_config.eos_token_id = None
+    return wrapped
+
+
 def ours_generate(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
     mask = torch.ones_like(prompt)
 
     def generate() -> torch.Tensor:
-        model.eval()
-        out = model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None)
+        out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
         assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
         return out
 
@@ -334,23 +351,119 @@ def train_figure(config, ours_model, calm, data, repeats: Repeats, threads: int)
     )
 
 
-def generation_figure(config, ours_model, calm, prompt, repeats: Repeats, threads: int) -> str:
+def generation_figure(config, ours_model, calm, prompt, repeats: Repeats, threads: int, suffix: str = "") -> str:
     ours_s, theirs_s = time_interleaved(
         ours_generate(ours_model, prompt, config.new_tokens), reference_generate(calm, prompt, config.new_tokens),
-        repeats.gen_warmup, repeats.gen, "generate",
+        repeats.gen_warmup, repeats.gen, f"generate batch {prompt.shape[0]}",
     )
     tokens = prompt.shape[0] * config.new_tokens
     return figure_line(
-        "generation_tokens_per_s_ratio_vs_calm_pytorch", (tokens / ours_s) / (tokens / theirs_s), 5, "higher",
-        ours_s=round(ours_s, 4), theirs_s=round(theirs_s, 4), repeats=repeats.gen, threads=threads,
-        ours_tokens_per_s=round(tokens / ours_s, 1), theirs_tokens_per_s=round(tokens / theirs_s, 1),
+        f"generation_tokens_per_s_ratio_vs_calm_pytorch{suffix}", (tokens / ours_s) / (tokens / theirs_s), 5, "higher",
+        batch=prompt.shape[0], new_tokens=config.new_tokens, ours_s=round(ours_s, 4), theirs_s=round(theirs_s, 4),
+        repeats=repeats.gen, threads=threads, ours_tokens_per_s=round(tokens / ours_s, 1),
+        theirs_tokens_per_s=round(tokens / theirs_s, 1),
     )
+
+
+def flatness_figure(config, ours_model, prompt, repeats: Repeats, threads: int) -> str:
+    """calm_dist's time per generated token at ``long_new_tokens`` over that at ``new_tokens``: runs of the two
+    lengths alternate, and each is timed in CPU time of this process (with one thread, the work itself,
+    whatever else the machine runs), medians taken."""
+    short, long = config.new_tokens, config.long_new_tokens
+    runs = {length: ours_generate(ours_model, prompt, length) for length in (short, long)}
+    runs[short]()  # warm-up
+    times: dict[int, list[float]] = {short: [], long: []}
+    for index in range(repeats.long):
+        for length in (short, long) if index % 2 == 0 else (long, short):
+            start = time.process_time()
+            runs[length]()
+            times[length].append((time.process_time() - start) / length)
+        log(f"time per token {index + 1}/{repeats.long}: {short} new tokens {times[short][-1] * 1e3:.2f} ms, "
+            f"{long} new tokens {times[long][-1] * 1e3:.2f} ms")
+    per_token_s = {length: statistics.median(values) for length, values in times.items()}
+    return figure_line(
+        f"generation_time_per_token_ratio_{long}_vs_{short}_new_tokens", per_token_s[long] / per_token_s[short], 1.3,
+        "lower", batch=prompt.shape[0], cpu_ms_per_token_short=round(per_token_s[short] * 1e3, 3),
+        cpu_ms_per_token_long=round(per_token_s[long] * 1e3, 3), repeats=repeats.long, threads=threads,
+    )
+
+
+# Where generation time goes: (label, file suffix, function) whose cumulative time is that part.
+PROFILE_PARTS = {
+    "generate": ("generation/utils.py", "generate"),
+    "forward": ("calm_dist/model/hf.py", "forward"),
+    "step": ("calm_dist/model/composed.py", "step"),
+    "augment": ("calm_dist/model/augment.py", "run_augment"),
+    "bridges": ("calm_dist/model/bridge.py", "forward"),
+    "bridge_cache": ("calm_dist/model/cache.py", "extend"),
+    "kv_cache": ("calm_dist/model/cache.py", "update"),
+    "anchor_masks": ("masking_utils.py", "create_causal_mask"),
+    "cross_masks": ("calm_dist/model/composed.py", "_cross_masks"),
+}
+
+
+def profile_generation(config, ours_model, prompt) -> dict[str, float]:
+    """cProfile one generate call; print to stderr, and return, the seconds each part of it took."""
+    import cProfile
+    import pstats
+
+    run = ours_generate(ours_model, prompt, config.new_tokens)
+    run()
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    stats = pstats.Stats(profiler).stats
+    seconds = {part: sum(entry[3] for (file, _, name), entry in stats.items()
+                         if file.endswith(suffix) and name == function)
+               for part, (suffix, function) in PROFILE_PARTS.items()}
+    rows = [
+        ("one generate call", seconds["generate"]),
+        ("  generation loop outside the model (logits processors, stopping, inputs)",
+         seconds["generate"] - seconds["forward"]),
+        ("  augmenting model up to its deepest tapped layer", seconds["augment"]),
+        ("  anchor layers, LM head and mask (anchor alone)",
+         seconds["step"] - seconds["augment"] - seconds["bridges"] - seconds["cross_masks"]),
+        ("    of which: anchor attention masks (transformers)", seconds["anchor_masks"]),
+        ("    of which: growing both models' KV caches", seconds["kv_cache"]),
+        ("  bridges (projection, cross-attention, output)", seconds["bridges"]),
+        ("    of which: growing their projected keys/values", seconds["bridge_cache"]),
+        ("  cross-attention masks and positions", seconds["cross_masks"]),
+    ]
+    log(f"profile of one generate call, batch {prompt.shape[0]}, {config.new_tokens} new tokens (cProfile inflates "
+        "Python-heavy parts):")
+    for label, value in rows:
+        log(f"  {label:<76} {value:7.3f} s {100 * value / seconds['generate']:5.1f}%")
+    return seconds
+
+
+def log_floor(config, ours_model, anchor, augment, prompt, repeats: int = 3) -> None:
+    """The floor of a cached composed step: the anchor's and the augmenting model's own transformers
+    ``generate`` (each with its DynamicCache, its LM head, its loop), CPU time per token, alternating."""
+    bases = {}
+    for name, model in (("anchor", anchor), ("augment", augment)):
+        bases[name] = copy.deepcopy(model).eval()
+        bases[name].generation_config.eos_token_id = None
+    options = dict(input_ids=prompt, max_new_tokens=config.new_tokens, do_sample=False)
+    runs = {"calm_dist": ours_generate(ours_model, prompt, config.new_tokens),
+            **{name: partial(model.generate, **options) for name, model in bases.items()}}
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.process_time()
+            run()
+            times[name].append((time.process_time() - start) / config.new_tokens)
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    log(f"CPU ms per token step: calm_dist {ms['calm_dist']:.2f}, anchor alone {ms['anchor']:.2f}, augmenting model "
+        f"alone {ms['augment']:.2f}; calm_dist / (anchor + augmenting model) = "
+        f"{ms['calm_dist'] / (ms['anchor'] + ms['augment']):.2f}")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke test, noisy)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--profile", action="store_true", help="print where calm_dist's generation time goes")
     return parser.parse_args(argv)
 
 
@@ -370,7 +483,13 @@ def main(argv=None) -> int:
     data, prompt = make_data(config)
     start = time.perf_counter()
     print(train_figure(config, ours_model, calm, data, repeats, args.threads), flush=True)
-    print(generation_figure(config, ours_model, calm, prompt, repeats, args.threads), flush=True)
+    generator = ours_hf_model(ours_model)
+    print(generation_figure(config, generator, calm, prompt, repeats, args.threads), flush=True)
+    print(generation_figure(config, generator, calm, prompt[:1], repeats, args.threads, suffix="_batch1"), flush=True)
+    print(flatness_figure(config, generator, prompt, repeats, args.threads), flush=True)
+    if args.profile:
+        profile_generation(config, generator, prompt)
+        log_floor(config, generator, anchor, augment, prompt)
     log(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
+    "CALMConfig": "calm_dist.model.hf",
+    "CALMForCausalLM": "calm_dist.model.hf",
     "CALMModel": "calm_dist.model.composed",
     "compose": "calm_dist.model.composed",
     "load_exported": "calm_dist.export",
+    "save_composition": "calm_dist.export",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

@@ -127,7 +127,7 @@ class RayConfig:
     placement_timeout_s: int = 120
     dashboard_host: str = "127.0.0.1"
     embedded_dashboard: bool = False
-    max_failures: int = 3  # worker/node losses survived by restarting from the latest checkpoint
+    max_failures: int = 3  # lost worker processes/nodes survived by restarting (errors of worker code stop the job)
     grow_back: bool = True  # after shrinking, go back to parallel.anchor_ranks once the cluster can hold it
 
 

@@ -1,9 +1,10 @@
-"""Exported compositions: consolidated composition weights + the base models they belong to.
+"""Exports: a trained composition as a directory that ``calm_dist.CALMForCausalLM.from_pretrained`` loads.
 
-An export directory holds ``composition.safetensors`` (fp32 bridge weights), ``calm_export.json``
-(connections, the augmenting model of each bridge, relative_scale, the step, each base model's path
-and sha256) and ``config.yaml``.
-``load_exported`` rebuilds the composed model in one process for evaluation and generation.
+An export holds ``composition.safetensors`` (the fp32 bridge weights), ``config.json`` (``model_type:
+calm``: each base model's path or hub id and sha256, each augmenting model's connections, relative_scale,
+the anchor's token ids, free-form ``calm_metadata``), ``generation_config.json`` and the anchor's tokenizer
+files (padding on the left, EOS as pad when it has none). ``save_composition`` writes one;
+``load_exported`` returns its ``CALMModel`` (and still reads the older ``calm_export.json`` exports).
 """
 from __future__ import annotations
 
@@ -11,42 +12,135 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from calm_dist.model.composed import CALMModel, compose
+from calm_dist.model.hf import (BaseModelRef, CALMConfig, CALMForCausalLM, ExportSpec, resolve_model_dir,
+                                write_export_files)
 
-WEIGHTS, INFO = "composition.safetensors", "calm_export.json"
+LEGACY_WEIGHTS, LEGACY_INFO = "composition.safetensors", "calm_export.json"
+BaseModel = str | os.PathLike | BaseModelRef
 
 
-def write_export(target: Path, weights: dict[str, torch.Tensor], info: dict, config_yaml: str) -> Path:
-    """Writes the export atomically: a temporary sibling directory, renamed into place."""
-    from safetensors.torch import save_file
+def save_composition(
+    target_dir: str | os.PathLike,
+    composition_state: Mapping[str, torch.Tensor],
+    anchor: BaseModel,
+    augments: Sequence[BaseModel],
+    connections: Sequence[Sequence[tuple[int, int]]],
+    *,
+    relative_scale: bool = False,
+    tokenizer: str | os.PathLike | Any | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes an export of a trained composition to ``target_dir``, atomically (a temporary sibling
+    directory renamed into place, replacing any previous export there), and returns its path.
 
-    target = Path(target)
+    - ``composition_state``: ``CALMModel.composition_state_dict()`` (or a checkpoint's consolidated
+      ``bridges.*`` weights); written as fp32.
+    - ``anchor``, ``augments`` (one per augmenting model, in bridge order): each a saved model directory
+      or hub id, or a ``BaseModelRef`` whose sha256 (e.g. the one a checkpoint recorded) the weights must
+      still have (ValueError otherwise). Local paths are recorded absolute.
+    - ``connections``: one list of ``(augment_layer, anchor_layer)`` pairs per augmenting model
+      (``CALMModel.augment_connections``).
+    - ``relative_scale``: the composition's (config ``composition.relative_scale``).
+    - ``tokenizer``: the anchor's tokenizer, as a directory or a tokenizer object; default the anchor's
+      directory (FileNotFoundError if it holds none).
+    - ``metadata``: JSON-serialisable facts kept as ``config.json``'s ``calm_metadata`` (run, step, ...).
+    """
+    from transformers import AutoConfig
+
+    if len(augments) != len(connections):
+        raise ValueError(f"give one list of connections per augmenting model: {len(augments)} models, "
+                         f"{len(connections)} lists")
+    _check_json(metadata)
+    anchor_ref, anchor_dir = _identified(anchor, "anchor")
+    spec = ExportSpec(
+        anchor=anchor_ref,
+        augments=tuple(_identified(model, f"augmenting model {index}")[0] for index, model in enumerate(augments)),
+        connections=tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in connections),
+        relative_scale=bool(relative_scale),
+    )
+    anchor_config = AutoConfig.from_pretrained(anchor_dir)
+    config = CALMConfig.from_spec(spec, anchor_config, metadata)
+    target = Path(target_dir)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_file({key: value.contiguous() for key, value in weights.items()}, str(temporary / WEIGHTS))
-    (temporary / INFO).write_text(json.dumps(info, indent=1))
-    (temporary / "config.yaml").write_text(config_yaml)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(temporary, target)
+    try:
+        write_export_files(temporary, config, composition_state, _anchor_generation_config(anchor_dir, anchor_config),
+                           tokenizer if tokenizer is not None else anchor_dir)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     return target
 
 
-def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augment_path: str | None = None,
-                  verify: bool = True) -> CALMModel:
-    """The composed model of an export; the base models come from the recorded paths unless given.
-    With ``verify`` their weights must match the recorded sha256 (ValueError otherwise)."""
+def _identified(model: BaseModel, role: str) -> tuple[BaseModelRef, Path]:
+    """The reference an export records for a base model, and its local directory."""
     from calm_dist.identity import weights_checksum
-    from calm_dist.train.models import load_causal_lm
 
+    given = model.path if isinstance(model, BaseModelRef) else str(model)
+    directory = resolve_model_dir(given, f"the {role}")
+    sha256 = weights_checksum(directory)
+    if isinstance(model, BaseModelRef) and model.sha256 and model.sha256 != sha256:
+        raise ValueError(f"the {role} at {given!r} has changed since the composition was trained: its weights have "
+                         f"sha256 {sha256[:12]}…, the composition was trained over {model.sha256[:12]}…; restore "
+                         "the original weights")
+    recorded = str(Path(given).expanduser().resolve()) if Path(given).expanduser().is_dir() else given
+    return BaseModelRef(recorded, sha256), directory
+
+
+def _anchor_generation_config(anchor_dir: Path, anchor_config):
+    from transformers import GenerationConfig
+
+    if (anchor_dir / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(anchor_dir)
+    return GenerationConfig.from_model_config(anchor_config.get_text_config())
+
+
+def _check_json(metadata) -> None:
+    try:
+        json.dumps(dict(metadata or {}))
+    except TypeError as error:
+        raise ValueError(f"metadata must be JSON-serialisable (it goes into config.json): {error}") from None
+
+
+def load_exported(path: str | os.PathLike, anchor_path: str | os.PathLike | None = None,
+                  augment_path: str | os.PathLike | None = None, verify: bool = True,
+                  augment_paths: Sequence[str | os.PathLike | None] | None = None) -> CALMModel:
+    """The composed model (``CALMModel``) of an export, for evaluation and the greedy ``generate``; for
+    sampling, streaming and pipelines load ``CALMForCausalLM.from_pretrained(path)`` instead (this returns
+    its ``.calm``). Base models come from the recorded paths unless given (``augment_path``: the first
+    augmenting model's; ``augment_paths``: one entry per model, None = recorded); with ``verify`` their
+    weights must match the recorded sha256 (ValueError otherwise)."""
     path = Path(path)
-    if not (path / INFO).is_file():
-        raise FileNotFoundError(f"{path} is not a calm_dist export (no {INFO}); write one with python -m launcher.export")
-    info = json.loads((path / INFO).read_text())
+    if not (path / "config.json").is_file() and (path / LEGACY_INFO).is_file():
+        return _load_legacy(path, anchor_path, augment_path, verify)
+    if augment_path is not None:
+        if augment_paths is not None:
+            raise ValueError("give augment_path (the first augmenting model) or augment_paths, not both")
+        count = len(CALMForCausalLM.config_class.from_pretrained(path).augments or [None])
+        augment_paths = [augment_path] + [None] * (count - 1)
+    model = CALMForCausalLM.from_pretrained(path, anchor_path=anchor_path, augment_paths=augment_paths,
+                                           verify_base_models=verify)
+    return model.calm
+
+
+def _load_legacy(path: Path, anchor_path, augment_path, verify: bool) -> CALMModel:
+    """An export written before ``config.json`` exports: ``calm_export.json`` + ``composition.safetensors``."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from calm_dist.identity import weights_checksum
+
+    def dir_key(model: int) -> str:
+        return "augment" if model == 0 else f"augment_{model}"
+
+    info = json.loads((path / LEGACY_INFO).read_text())
     chosen = {"anchor": anchor_path, "augment": augment_path}
     models = {}
     for side, recorded in info["base_models"].items():
@@ -54,25 +148,13 @@ def load_exported(path: str | os.PathLike, anchor_path: str | None = None, augme
         if verify and weights_checksum(model_dir) != recorded["sha256"]:
             raise ValueError(f"the {side} model at {model_dir} is not the one this composition was trained with "
                              f"(sha256 {recorded['sha256'][:12]}…); pass the original weights")
-        models[side] = load_causal_lm(model_dir, side)
-    model = _composed(models, info)
-    from safetensors.torch import load_file
-
-    model.load_composition_state_dict(load_file(str(path / WEIGHTS)))
-    return model.eval()
-
-
-def _composed(models: dict, info: dict) -> CALMModel:
-    """The export's composition over its base models: one augmenting model, or several (``bridge_sources``
-    names each bridge's model, model ``m`` being ``models[dir_key(m)]``)."""
-    def dir_key(model: int) -> str:
-        return "augment" if model == 0 else f"augment_{model}"
-
+        models[side] = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     pairs = [tuple(pair) for pair in info["connections"]]
     sources = info.get("bridge_sources") or [0] * len(pairs)
-    if max(sources) == 0:
-        return compose(models["anchor"], models["augment"], connections=pairs, relative_scale=info["relative_scale"])
     count = max(sources) + 1
     per_model = [[pair for pair, source in zip(pairs, sources) if source == model] for model in range(count)]
-    return compose(models["anchor"], [models[dir_key(model)] for model in range(count)], connections=per_model,
-                   relative_scale=info["relative_scale"])
+    augments = [models[dir_key(model)] for model in range(count)]
+    model = compose(models["anchor"], augments if count > 1 else augments[0],
+                    connections=per_model if count > 1 else per_model[0], relative_scale=info["relative_scale"])
+    model.load_composition_state_dict(load_file(str(path / LEGACY_WEIGHTS)))
+    return model.eval()

@@ -1,12 +1,14 @@
 """Elastic, fault-tolerant composition on Ray: restart from the latest complete checkpoint on what is left.
 
-A worker or node loss tears the job down (every actor killed, the placement group released), then the
+A worker or node loss (a dead process or node, and its peers' consequential communication errors) tears
+the job down (every actor killed, the placement group released), then the
 plan is made again with the resources still alive: the configured ``parallel.anchor_ranks`` if they fit,
 else fewer, down to ``parallel.min_anchor_ranks``; training resumes from the latest complete checkpoint,
 resharded when the anchor rank count changed. After shrinking, the job grows back to the configured
 size at the next checkpoint once the cluster can hold it again (``ray.grow_back``). ``ray.max_failures``
 bounds the restarts; past it, or when not even the minimum fits, the job stops with an error naming the
-last good checkpoint, which stays intact.
+last good checkpoint, which stays intact. An error raised by the workers' own code (a bad path, a config or
+data error) is not a loss: the job stops at once with it, and no restart is spent.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 from calm_dist.checkpoint import CheckpointStore, find_resume_point
 from calm_dist.config import Config
 from calm_dist.reports import CheckpointReport
-from launcher.ray_driver import Restart, WorkerLost
+from launcher.ray_driver import Restart, is_loss
 
 
 class GrowBack(Restart):
@@ -85,9 +87,8 @@ def _full_plan_fits(config: Config) -> bool:
 
 
 def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None) -> dict:
-    """Runs the composition on Ray until it completes, restarting after failures; returns rank 0's result."""
-    import ray
-
+    """Runs the composition on Ray until it completes, restarting after lost workers or nodes; returns rank 0's
+    result. An error raised by worker code stops the job at once with that error."""
     from ray.util.placement_group import remove_placement_group
 
     from launcher.ray_driver import run_composition_on_ray
@@ -96,15 +97,15 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None) -
     while True:
         ranks, group = _place_or_give_up(config, failures, store)
         try:
-            point = find_resume_point(store, inputs.checkpoint_meta, ranks) if store is not None else None
+            point = find_resume_point(store, inputs.checkpoint_meta, ranks, on_fallback=logger.note) \
+                if store is not None else None
         except BaseException:
             remove_placement_group(group)
             raise
         if restarts:
             restarts[-1].update(resumed_step=point.step if point else 0, anchor_ranks=ranks)
         if restarts or point is not None:  # records after the point of restart are replaced
-            resumed = point.step if point else 0
-            logger.rewind(resumed, evaluates_again=resumed == 0 or resumed >= config.train.max_steps)
+            logger.resume_at(point, store, config.train.max_steps)
         if point is not None:
             logger.note(f"resuming from checkpoint {point.name} (step {point.step}, written by {point.saved_ranks} "
                         f"anchor ranks) on {ranks} anchor ranks")
@@ -116,7 +117,9 @@ def run_elastic(config: Config, inputs, logger, store: CheckpointStore | None) -
         except GrowBack:
             logger.note(f"the cluster holds {config.parallel.anchor_ranks} anchor ranks again: growing back")
             restarts.append({"reason": "grow back", "at": time.time()})
-        except (ray.exceptions.RayError, WorkerLost) as error:
+        except Exception as error:
+            if not is_loss(error):
+                raise  # an error of the worker's own code: a restart would fail the same way
             failures += 1
             restarts.append({"reason": _last_line(error), "at": time.time()})
             latest = store.latest() if store is not None else None

@@ -1,14 +1,19 @@
-"""python -m launcher.export --run runs/<name> --out DIR [--checkpoint step_000000400]
+"""python -m launcher.export --run runs/<name> --out DIR [--checkpoint step_000000400] [--tokenizer DIR]
 
 Consolidates a sharded checkpoint (default: the latest complete one) into one process's composition
-weights and writes an export that ``calm_dist.load_exported(DIR)`` loads for evaluation and generation.
+weights and writes an export that ``calm_dist.CALMForCausalLM.from_pretrained(DIR)`` loads (and
+``AutoTokenizer.from_pretrained(DIR)`` its tokenizer: the anchor's, unless ``--tokenizer`` names another).
 ``--checkpoints URI`` reads a checkpoint store directly (e.g. when checkpoint.dir was an s3:// URI).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from calm_dist.model.export_files import TokenizerNotFoundError
+from calm_dist.model.hf import BaseModelRef
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--checkpoints", help="a checkpoint store: directory or pyarrow.fs URI")
     parser.add_argument("--checkpoint", help="checkpoint name, e.g. step_000000400 (default: latest)")
     parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument("--tokenizer", help="the anchor's tokenizer directory (default: the checkpoint's, else the "
+                                            "anchor model directory)")
     return parser.parse_args(argv)
 
 
@@ -35,11 +42,54 @@ def store_root(args) -> str:
     return configured or str(run_dir / "checkpoints")
 
 
-def export(args) -> Path:
-    import yaml
+@dataclass(frozen=True)
+class CheckpointComposition:
+    """What an export needs from a checkpoint's meta.json, whatever its layout."""
 
+    anchor: BaseModelRef
+    augments: tuple[BaseModelRef, ...]  # in bridge order
+    connections: tuple[tuple[tuple[int, int], ...], ...]  # one tuple of pairs per augmenting model
+    relative_scale: bool
+    tokenizer: str | None  # the anchor's tokenizer directory, when the checkpoint names one
+
+
+def composition_from_meta(meta: dict) -> CheckpointComposition:
+    """The one reader of the checkpoint meta layout: ``base_models`` (``anchor``, ``augment``, ``augment_1``, …
+    each ``{path, sha256}``), the composition (``composition``: one list of pairs per augmenting model and
+    ``relative_scale``; or, in earlier checkpoints, the flat ``connections`` with each bridge's augmenting
+    model in ``bridge_sources`` and ``config.composition.relative_scale``) and ``tokenizer``."""
+    def dir_key(model: int) -> str:
+        return "augment" if model == 0 else f"augment_{model}"
+
+    bases = meta["base_models"]
+    if "composition" in meta:
+        per_model = [[(int(a), int(b)) for a, b in pairs] for pairs in meta["composition"]["connections"]]
+        relative_scale = meta["composition"].get("relative_scale", False)
+    else:
+        pairs = [(int(a), int(b)) for a, b in meta["connections"]]
+        sources = meta.get("bridge_sources") or [0] * len(pairs)
+        per_model = [[pair for pair, source in zip(pairs, sources) if source == model]
+                     for model in range(max(sources) + 1)]
+        relative_scale = meta["config"]["composition"].get("relative_scale", False)
+    missing = [dir_key(model) for model in range(len(per_model)) if dir_key(model) not in bases]
+    if missing:
+        raise ValueError(f"checkpoint meta names no base model for {missing} (its base_models: {sorted(bases)})")
+
+    def ref(key: str) -> BaseModelRef:
+        return BaseModelRef(str(bases[key]["path"]), bases[key].get("sha256"))
+
+    return CheckpointComposition(
+        anchor=ref("anchor"),
+        augments=tuple(ref(dir_key(model)) for model in range(len(per_model))),
+        connections=tuple(tuple(pairs) for pairs in per_model),
+        relative_scale=bool(relative_scale),
+        tokenizer=meta.get("tokenizer"),
+    )
+
+
+def export(args) -> Path:
     from calm_dist.checkpoint import CheckpointStore, consolidated_composition
-    from calm_dist.export import write_export
+    from calm_dist.export import save_composition
 
     store = CheckpointStore(store_root(args))
     name = args.checkpoint or store.latest()
@@ -48,11 +98,18 @@ def export(args) -> Path:
     if name not in store.complete():
         raise FileNotFoundError(f"{name} is not a complete checkpoint in {store.uri}; complete: {store.complete()}")
     meta = store.meta(name)
-    weights = consolidated_composition(store, name)
-    info = {"step": meta["step"], "checkpoint": name, "base_models": meta["base_models"],
-            "connections": meta["connections"], "bridge_sources": meta.get("bridge_sources"),
-            "relative_scale": meta["config"]["composition"]["relative_scale"]}
-    return write_export(Path(args.out), weights, info, yaml.safe_dump(meta["config"], sort_keys=False))
+    composition = composition_from_meta(meta)
+    tokenizer = args.tokenizer or composition.tokenizer or composition.anchor.path
+    try:
+        return save_composition(
+            Path(args.out), consolidated_composition(store, name), composition.anchor, composition.augments,
+            composition.connections, relative_scale=composition.relative_scale, tokenizer=tokenizer,
+            metadata={"step": meta["step"], "checkpoint": name, "run_config": meta.get("config")},
+        )
+    except TokenizerNotFoundError as error:
+        if args.tokenizer:
+            raise
+        raise TokenizerNotFoundError(f"{error} (pass --tokenizer DIR)") from None
 
 
 def main(argv=None) -> int:

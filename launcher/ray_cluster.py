@@ -112,7 +112,7 @@ class RankWorker:
         choose_deepspeed_accelerator()
         import torch
 
-        from calm_dist.distributed.groups import env_store
+        from calm_dist.distributed.groups import env_store, leave_process_groups
         from calm_dist.distributed.worker import run_worker
         from calm_dist.distributed.zero_anchor import gathered_composition_state
         from calm_dist.quiet import quiet_libraries
@@ -121,9 +121,10 @@ class RankWorker:
         torch.set_num_threads(max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         store, _, _ = env_store(inputs.parallel.timeout_s)
         result = run_worker(inputs, rank, world_size, store, on_report=reports.put if reports is not None else None)
+        bridges = gathered_composition_state(result["model"]) if "model" in result else None
+        leave_process_groups()
         if "model" not in result:
             return {"role": result["role"]}
-        bridges = gathered_composition_state(result["model"])
         return {"role": result["role"], "losses": result["losses"], "bridges": bridges if rank == 0 else None}
 
 

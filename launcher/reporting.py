@@ -7,7 +7,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from calm_dist.reports import CheckpointReport, EvalReport, StepReport
-from calm_dist.train.report import EventLog, MetricsLogger
+from calm_dist.train.report import EventLog, MetricsLogger, read_jsonl
+
+
+def _record_key(record: dict) -> tuple:
+    return ("eval", record["eval"], record["step"]) if "eval" in record else ("step", record["step"])
 
 
 class StepLogger:
@@ -43,6 +47,24 @@ class StepLogger:
         self.metrics.rewind(step, evaluates_again)
         self.bar.n = step
         self.bar.refresh()
+
+    def resume_at(self, point, store, max_steps: int) -> None:
+        """Training restarts from checkpoint ``point`` (None: from the start). Records after it are dropped;
+        records up to it that metrics.jsonl lacks (a driver that died before logging them) are restored from
+        the checkpoint store, where anchor rank 0 writes them with every checkpoint."""
+        step = point.step if point is not None else 0
+        evaluates_again = step == 0 or step >= max_steps
+        self.rewind(step, evaluates_again)
+        if point is None:
+            return
+        logged = {_record_key(record) for record in read_jsonl(self.metrics.path)}
+        restored = [record for record in store.records_up_to(step) if _record_key(record) not in logged
+                    and not (evaluates_again and "eval" in record and record["step"] == step)]
+        for record in restored:
+            self.metrics.log(record)
+        if restored:
+            self.note(f"restored {len(restored)} records up to step {step} from the checkpoints "
+                      "(the driver that trained them stopped before logging them)")
 
     def close(self) -> None:
         self.bar.close()

@@ -8,7 +8,7 @@ import pickle
 from pathlib import Path
 
 from calm_dist.config import Config
-from calm_dist.distributed.groups import env_store
+from calm_dist.distributed.groups import env_store, leave_process_groups
 from calm_dist.distributed.worker import run_worker
 
 _INPUTS_KEY = "calm/run_inputs"
@@ -53,16 +53,17 @@ def run_torchrun_job(config: Config, recipe=None) -> Path | None:
         inputs = _receive(store)
     logger = StepLogger(job.run_dir, config.train.max_steps) if job is not None else None
     if logger is not None and inputs.resume is not None:
-        logger.rewind(inputs.resume.step, evaluates_again=inputs.resume.step >= config.train.max_steps)
+        from calm_dist.checkpoint import CheckpointStore
+
+        logger.resume_at(inputs.resume, CheckpointStore(inputs.resume.store_uri), config.train.max_steps)
         logger.note(resumed_note(inputs.resume))
     try:
         result = run_worker(inputs, rank, world_size, store, on_report=logger)
     finally:
         if logger is not None:
             logger.close()
-    if "model" not in result:  # an augment stage: done
-        return None
-    bridges = gathered_composition_state(result["model"])
+    bridges = gathered_composition_state(result["model"]) if "model" in result else None  # every anchor rank
+    leave_process_groups()
     if rank != 0:
         return None
     timer.mark("composition")

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from calm_dist.distributed.groups import leave_process_groups
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -25,6 +27,7 @@ def _entry(rank: int, world_size: int, port: int, target, args, out_dir: str):
     except BaseException:
         (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())
         raise
+    leave_process_groups()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 

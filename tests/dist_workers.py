@@ -43,22 +43,32 @@ def token_loss_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
     return {**composition_run(rank, world_size, inputs), "token_losses": records}
 
 
-def killed_while_checkpointing(rank: int, world_size: int, inputs: RunInputs, kill_step: int) -> dict:
-    """composition_run whose anchor rank dies (SIGKILL) once its files for ``kill_step`` are written,
-    before the checkpoint is published."""
+def killed_while_checkpointing(rank: int, world_size: int, inputs: RunInputs, kill_step: int,
+                               killed_anchor_rank: int | None = None) -> dict:
+    """composition_run whose anchor rank (``killed_anchor_rank``, or every one) dies by SIGKILL in the middle
+    of uploading its files for ``kill_step``: its first file is stored, the second is cut off halfway."""
     import os
     import signal
 
+    import torch.distributed as dist
+
     from calm_dist.checkpoint import CheckpointStore, checkpoint_name
 
-    upload = CheckpointStore.upload
+    upload_file = CheckpointStore._upload_file
+    stored = []
 
-    def dying_upload(self, staging):
-        if staging.name.endswith(checkpoint_name(kill_step)):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return upload(self, staging)
+    def dying_upload_file(self, source, target):
+        if f"/{checkpoint_name(kill_step)}/" in target and killed_anchor_rank in (None, dist.get_rank()):
+            if stored:
+                data = source.read_bytes()
+                with self.fs.open_output_stream(target) as out:
+                    out.write(data[:len(data) // 2])
+                    out.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            stored.append(target)
+        return upload_file(self, source, target)
 
-    CheckpointStore.upload = dying_upload
+    CheckpointStore._upload_file = dying_upload_file
     return composition_run(rank, world_size, inputs)
 
 

@@ -16,6 +16,8 @@ REQUIRED_KEYS = {"figure", "value", "goal", "better"}
 EXPECTED_FIGURES = {
     "train_step_time_ratio_vs_calm_pytorch",
     "generation_tokens_per_s_ratio_vs_calm_pytorch",
+    "generation_tokens_per_s_ratio_vs_calm_pytorch_batch1",
+    "generation_time_per_token_ratio_512_vs_64_new_tokens",
 }
 
 

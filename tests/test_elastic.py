@@ -162,7 +162,7 @@ def test_export_of_the_latest_checkpoint_loads_in_one_process(reference, tmp_pat
     model = calm_dist.load_exported(tmp_path / "export")
     from safetensors.torch import load_file
 
-    final = load_file(str(reference / "composition.safetensors"))
+    final = load_file(str(reference / "export" / "composition.safetensors"))
     exported = model.composition_state_dict()
     assert exported.keys() == final.keys()
     for key, value in final.items():
@@ -197,3 +197,114 @@ def test_past_max_failures_the_job_stops_naming_its_intact_latest_checkpoint(bas
     store = CheckpointStore(str(run_dir / "checkpoints"))
     weights = consolidated_composition(store, store.latest())
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+# --- what a restart can fix, and what it cannot ---------------------------------------------------------
+
+def _task_error(cause: Exception, role: str):
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("run", f"Traceback ...\n{type(cause).__name__}: {cause}", cause,
+                        actor_repr=role).as_instanceof_cause()
+
+
+GLOO_PEER_GONE = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                              "[127.0.0.4]:40111. This is typically caused by a remote worker crashing.")
+
+
+def test_a_dead_worker_is_the_failure_even_when_its_peers_errors_come_first():
+    from ray.exceptions import ActorDiedError
+
+    from launcher.ray_driver import WorkerLost, classify_failure, is_loss
+
+    failure = classify_failure({"augment-stage-0": _task_error(GLOO_PEER_GONE, "AugmentStage0"),
+                                "anchor-rank-0": _task_error(GLOO_PEER_GONE, "AnchorRank0"),
+                                "anchor-rank-1": ActorDiedError()})
+    assert isinstance(failure, WorkerLost) and is_loss(failure)
+    assert str(failure).startswith("anchor-rank-1 died: The actor died unexpectedly")
+
+
+def test_an_error_of_worker_code_is_the_failure_not_its_peers_lost_connections():
+    from launcher.ray_driver import classify_failure, is_loss
+
+    bad_path = _task_error(FileNotFoundError(2, "No such file or directory", "/models/anchor/model.safetensors"),
+                           "AnchorRank0")
+    failure = classify_failure({"augment-stage-0": _task_error(GLOO_PEER_GONE, "AugmentStage0"),
+                                "anchor-rank-0": bad_path})
+    assert failure is bad_path and isinstance(failure, FileNotFoundError) and not is_loss(failure)
+    data_error = _task_error(KeyError("position"), "AugmentStage0")
+    assert classify_failure({"augment-stage-0": data_error}) is data_error
+    assert not is_loss(classify_failure({"anchor-rank-0": _task_error(RuntimeError("DeepSpeed found no checkpoint"),
+                                                                       "AnchorRank0")}))
+
+
+def test_only_lost_connections_count_as_a_loss():
+    from torch.distributed import DistNetworkError
+
+    from launcher.ray_driver import WorkerLost, classify_failure
+
+    failure = classify_failure({"anchor-rank-1": _task_error(DistNetworkError("failed to connect to the store"),
+                                                             "AnchorRank1"),
+                                "anchor-rank-0": _task_error(GLOO_PEER_GONE, "AnchorRank0")})
+    assert isinstance(failure, WorkerLost) and "anchor-rank-1 lost its connection to its peers" in str(failure)
+
+
+class NoteTaker:
+    """The logger run_elastic reports to, keeping what it was told."""
+
+    def __init__(self):
+        self.reports, self.notes = [], []
+
+    def __call__(self, report):
+        self.reports.append(report)
+
+    def note(self, message: str):
+        self.notes.append(message)
+
+    def resume_at(self, point, store, max_steps: int):
+        pass
+
+
+def _run_inputs(config):
+    """The runtime's inputs of a prepared job (no run directory)."""
+    from calm_dist.train.job import prepare_job
+    from launcher.runtime import runtime_inputs
+
+    return runtime_inputs(prepare_job(config, log=lambda _: None))
+
+
+def _assert_stops_at_once_without_a_restart(config, inputs, error_type, match: str):
+    from ray.exceptions import RayTaskError
+
+    from launcher.elastic import run_elastic
+
+    logger = NoteTaker()
+    with pytest.raises(error_type, match=match) as raised:
+        run_elastic(config, inputs, logger, None)
+    assert isinstance(raised.value, RayTaskError)  # the worker's own error, with its traceback
+    assert not [note for note in logger.notes if "worker failure" in note] and not logger.reports
+    return raised.value
+
+
+def test_a_bad_model_path_stops_the_job_at_once_without_spending_a_restart(base_config, cluster, tmp_path):
+    config = configured(base_config, run__name="bad_path", ray__max_failures=3)
+    import dataclasses
+
+    inputs = _run_inputs(config)
+    anchor = tmp_path / "anchor_without_weights"  # its config is there, so the driver's plan is made
+    shutil.copytree(inputs.anchor_path, anchor, ignore=shutil.ignore_patterns("*.safetensors"))
+    inputs = dataclasses.replace(inputs, anchor_path=str(anchor))
+    _assert_stops_at_once_without_a_restart(config, inputs, OSError, "safetensors")
+
+
+def test_a_data_error_before_the_first_step_stops_the_job_at_once(base_config, cluster, tmp_path):
+    import dataclasses
+
+    config = configured(base_config, run__name="bad_data", ray__max_failures=3)
+    inputs = _run_inputs(config)
+    damaged = tmp_path / "data"  # every Arrow shard cut in half: each rank's reader fails before step 1
+    shutil.copytree(inputs.data.train, damaged)
+    for shard in damaged.rglob("*.arrow"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    inputs = dataclasses.replace(inputs, data=dataclasses.replace(inputs.data, train=str(damaged)))
+    _assert_stops_at_once_without_a_restart(config, inputs, Exception, None)

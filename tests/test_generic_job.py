@@ -47,7 +47,8 @@ def test_the_job_runs_on_every_row_format(project, tmp_path, capsys, train, eval
         {"train.jsonl": ["prompt", "completion"], "train.parquet": ["prompt", "completion"],
          "text.jsonl": ["text"], "chat.jsonl": ["messages"]}[train], train).value
     assert summary["base_models"]["anchor"]["sha256"] and len(summary["base_models"]["augment"]) == 1
-    assert (run_dir / "composition.safetensors").is_file() and (run_dir / "loss_curves.png").is_file()
+    assert (run_dir / "loss_curves.png").is_file()
+    assert {"composition.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (run_dir / "export").iterdir()}
     assert "| eval" in out  # the results table
 
 
@@ -76,3 +77,20 @@ def test_a_second_run_reuses_the_tokenised_data(project, tmp_path, capsys):
     assert code == 0 and "data: tokenised" in out
     code, out, _ = cli(project, tmp_path, capsys, "train.max_steps=1")
     assert code == 0 and "data: tokenised" not in out
+
+
+def test_every_run_ends_with_an_export_that_generates(project, tmp_path, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    from calm_dist import CALMForCausalLM
+
+    code, out, err = cli(project, tmp_path, capsys, "train.max_steps=2")
+    assert code == 0, err[-3000:]
+    export = Path(out.strip().splitlines()[-1]) / "export"
+    model = CALMForCausalLM.from_pretrained(export, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    inputs = tokenizer(["red cat =>", "big dog runs =>"], return_tensors="pt", padding=True)
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9)
+    texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)

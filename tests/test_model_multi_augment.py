@@ -105,7 +105,7 @@ def test_cached_generation_equals_full_recomputation_with_two_augments(anchor_ar
     full = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, use_cache=False)
     assert cached.shape == (3, 16)
     assert torch.equal(cached, full)
-    assert len(model.new_caches()["augments"]) == 2
+    assert len(model.new_caches().augments) == 2
 
 
 def test_only_bridge_parameters_get_gradients_with_two_augments():

@@ -54,5 +54,5 @@ def test_two_augmenting_models_train_on_ray_and_a_changed_one_is_not_resumed(pro
     assert len(exported.augments) == 2 and exported.bridge_sources == [0, 0, 1, 1, 1]
     from safetensors.torch import load_file
 
-    for name, tensor in load_file(str(run_dir / "composition.safetensors")).items():  # the bridges the run evaluated
+    for name, tensor in load_file(str(run_dir / "export" / "composition.safetensors")).items():  # the bridges the run evaluated
         torch.testing.assert_close(exported.composition_state_dict()[name], tensor)

@@ -3,6 +3,7 @@ report, checkpoint."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -17,6 +18,13 @@ from calm_dist.reports import CheckpointReport, EvalReport, EvalTotals, StepRepo
 Report = Callable[[StepReport | EvalReport | CheckpointReport], None]
 
 
+@dataclass(frozen=True)
+class CheckpointWrite:
+    """A checkpoint written at a step; ``name`` is the published name on anchor rank 0, None elsewhere."""
+
+    name: str | None
+
+
 def _all_reduce_sum(values: list[float], world: int) -> list[float]:
     if world == 1:
         return values
@@ -26,11 +34,13 @@ def _all_reduce_sum(values: list[float], world: int) -> list[float]:
 
 
 class AnchorWorker:
-    """``after_step(step, reader_position)`` runs on every anchor rank after each step's last unit (the
-    checkpointer); ``reader_position`` is the reader state whose next batch is step ``step + 1``'s."""
+    """``after_step(step, reader_position, records)`` runs on every anchor rank after each step's last unit
+    (the checkpointer); ``reader_position`` is the reader state whose next batch is step ``step + 1``'s, and
+    ``records`` the metrics records reported since the last checkpoint (stored with the checkpoint, so a
+    driver that dies before logging them loses nothing)."""
 
     def __init__(self, engine, groups: Groups, source, receiver: ActivationReceiver, augment_hiddens: Sequence[int],
-                 after_step: Callable[[int, dict], str | None] | None = None,
+                 after_step: Callable[[int, dict, list[dict]], "CheckpointWrite | None"] | None = None,
                  augment_columns: Sequence[str | None] = ()):
         """``source``: a ``BatchSource``; ``augment_hiddens``: each augmenting model's hidden size, in model order;
         ``augment_columns``: per model, the batch's tokenisation it reads (None or empty: the anchor's tokens).
@@ -85,7 +95,14 @@ class AnchorWorker:
 
     def run(self, units: Iterable[dp.Unit], on_report: Report | None = None) -> list[float]:
         """Every unit in order; returns the training losses."""
-        report = on_report or (lambda _: None)
+        unpublished: list[dict] = []
+
+        def report(item) -> None:
+            if not isinstance(item, CheckpointReport):
+                unpublished.append(item.record())
+            if on_report is not None:
+                on_report(item)
+
         losses: list[float] = []
         iterator = iter(units)
         unit = next(iterator, None)
@@ -121,9 +138,11 @@ class AnchorWorker:
                     totals, evaluation_started = EvalTotals(), time.perf_counter()
             if dp.step_ends_after(unit, following) and trained_step == unit.step and self.after_step is not None:
                 saving = time.perf_counter()
-                published = self.after_step(unit.step, reader_position)
-                if published is not None:
-                    report(CheckpointReport(unit.step, published, time.perf_counter() - saving, time.time()))
+                written = self.after_step(unit.step, reader_position, list(unpublished))
+                if written is not None:  # a checkpoint of this step now holds these records
+                    unpublished.clear()
+                    if written.name is not None:  # anchor rank 0 published it
+                        report(CheckpointReport(unit.step, written.name, time.perf_counter() - saving, time.time()))
             if following is not None:
                 batch, position = next_batch, next_position
             unit, index = following, index + 1

@@ -7,7 +7,9 @@ also holds the augment stages. Both are built from one rendezvous store.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,24 @@ class Groups:
     transport: "dist.ProcessGroup"
     backend: str
     device: torch.device
+
+    def close_transport(self) -> None:
+        """Once this rank's role is done: waits until every rank is done with the transport group (so
+        none closes a connection a peer still reads), then shuts the group down."""
+        self.transport.barrier().wait()
+        self.transport.shutdown()
+
+
+def leave_process_groups() -> None:
+    """Destroys every process group this process still holds (the anchor ranks' default group, which
+    DeepSpeed uses, and any group made from it). Call it once the process needs no more collectives.
+
+    Left to interpreter exit, gloo's threads can still be finishing work that holds Python objects; one
+    that then takes the GIL of a finalizing interpreter is ended by Python mid-C++ and the process
+    aborts ("terminate called without an active exception", pytorch/pytorch#190489).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_backend(requested: str) -> str:
@@ -65,6 +85,40 @@ def init_groups(topology: Topology, rank: int, store, backend: str, timeout_s: i
 
 
 def env_store(timeout_s: int):
-    """The rendezvous store of a torchrun/Ray launch: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE."""
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=timeout_s)))
+    """The rendezvous store of a torchrun/Ray launch: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE.
+
+    With a loopback MASTER_ADDR (one machine, e.g. the embedded Ray) rank 0 hosts the store on that
+    address alone; torch's own store would listen on every interface.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    address, rank = os.environ.get("MASTER_ADDR", ""), os.environ.get("RANK")
+    if rank == "0" and _is_loopback(address) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        world_size = int(os.environ["WORLD_SIZE"])
+        return _store_on(address, int(os.environ["MASTER_PORT"]), world_size, timeout), 0, world_size
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     return store, rank, world_size
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def _store_on(address: str, port: int, world_size: int, timeout: datetime.timedelta) -> "dist.TCPStore":
+    """The master TCPStore listening on ``address`` only (a socket bound here, handed to the store)."""
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((address, port))
+        listener.listen(max(world_size, 1) * 2)
+    except OSError:
+        listener.close()
+        raise
+    descriptor = listener.detach()  # the store owns it from here on
+    try:
+        return dist.TCPStore(address, port, world_size, True, timeout, master_listen_fd=descriptor)
+    except BaseException:
+        os.close(descriptor)
+        raise

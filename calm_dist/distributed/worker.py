@@ -143,10 +143,16 @@ def _checkpointer(inputs: RunInputs, engine, model):
     meta = {**(inputs.checkpoint_meta or {}), "connections": [list(pair) for pair in model.connections],
             "bridge_sources": list(model.bridge_sources)}
 
-    def after_step(step: int, reader_position: dict) -> str | None:
+    def after_step(step: int, reader_position: dict, records: list[dict]):
+        import torch.distributed as dist
+
+        from calm_dist.distributed.anchor_worker import CheckpointWrite
+
         if step % every and step != last:
             return None
-        return save_checkpoint(engine, store, step, reader_position, meta, keep)
+        if dist.get_rank() == 0:
+            store.write_records(step, records)
+        return CheckpointWrite(save_checkpoint(engine, store, step, reader_position, meta, keep))
 
     return after_step
 
@@ -195,6 +201,8 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
 
 
 def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_report=None) -> dict:
+    """Runs this rank's role. The anchor ranks' default group stays up (the caller may gather the bridges
+    through it); the caller ends with ``groups.leave_process_groups()``."""
     from calm_dist.quiet import quiet_libraries
 
     quiet_libraries()
@@ -205,5 +213,8 @@ def run_worker(inputs: RunInputs, rank: int, world_size: int, store, on_report=N
         from calm_dist.distributed.zero_anchor import init_deepspeed
 
         init_deepspeed(groups.backend)
-        return run_anchor_role(inputs, groups, augment_shapes, on_report)
-    return run_augment_role(inputs, groups)
+        result = run_anchor_role(inputs, groups, augment_shapes, on_report)
+    else:
+        result = run_augment_role(inputs, groups)
+    groups.close_transport()  # the default group stays for the caller: see groups.leave_process_groups
+    return result

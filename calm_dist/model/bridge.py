@@ -13,29 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass
-class ProjectedKV:
-    """Projected keys/values of one bridge, grown by one chunk per forward during generation."""
-
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is not None:
-            keys = torch.cat([self.keys, keys], dim=2)
-            values = torch.cat([self.values, values], dim=2)
-        self.keys, self.values = keys, values
-        return keys, values
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def crop(self, length: int) -> None:
-        """Keep the first ``length`` positions (an augmenting model re-cut its later tokens)."""
-        if self.keys is not None and self.keys.shape[2] > length:
-            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+from calm_dist.model.cache import ProjectedKV
 
 
 @dataclass
@@ -46,12 +24,35 @@ class CrossMask:
     sequence length, hence their own mask.
     """
 
-    allowed: torch.Tensor  # [B, 1, Q, S] bool: anchor query q may read augment position s
-    query_has_key: torch.Tensor  # [B, 1, Q, 1] bool: rows with at least one allowed key
+    allowed: torch.Tensor | None  # [B or 1, 1, Q, S] bool: query q may read position s (None: every position)
+    query_has_key: torch.Tensor | None  # [B, 1, Q, 1] bool: rows with at least one allowed key (None: all)
+    _additive: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_allowed(cls, allowed: torch.Tensor) -> "CrossMask":
         return cls(allowed, allowed.any(dim=-1, keepdim=True))
+
+    @classmethod
+    def causal(cls, query_start: int, query_len: int, device) -> "CrossMask":
+        """Without padding: query t reads positions <= t, so every query has a key, and a single query at
+        the end reads everything."""
+        if query_len == 1:
+            return cls(None, None)
+        keys = torch.arange(query_start + query_len, device=device)
+        queries = torch.arange(query_start, query_start + query_len, device=device)
+        return cls((keys[None, :] <= queries[:, None])[None, None], None)
+
+    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The mask as SDPA adds it (0 where allowed, the dtype's minimum elsewhere), made once per forward
+        for all the bridges that read this model."""
+        if self.allowed is None:
+            return None
+        key = (dtype, device)
+        if key not in self._additive:
+            blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+            self._additive[key] = torch.where(self.allowed.to(device), torch.zeros((), dtype=dtype, device=device),
+                                              blocked)
+        return self._additive[key]
 
 
 @dataclass
@@ -94,22 +95,22 @@ class CrossAttentionBridge(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_memory(self, augment_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memory = self.proj(augment_hidden.to(self.proj.weight.dtype))
+        memory = self.proj(augment_hidden.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype))
         return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
 
     def forward(self, hidden: torch.Tensor, bridge_input: BridgeInput):
         keys, values = self.project_memory(bridge_input.augment_hidden)
         if bridge_input.cache is not None:
             keys, values = bridge_input.cache.extend(keys, values)
-        queries = self._heads(self.q_proj(hidden.to(self.q_proj.weight.dtype)))
-        zero = torch.zeros((), dtype=queries.dtype, device=queries.device)
-        blocked = torch.full((), torch.finfo(queries.dtype).min, dtype=queries.dtype, device=queries.device)
-        mask = torch.where(bridge_input.mask.allowed, zero, blocked)
+        local = hidden.to(self.q_proj.weight.device)
+        queries = self._heads(self.q_proj(local.to(self.q_proj.weight.dtype)))
+        mask = bridge_input.mask.additive(queries.dtype, queries.device)
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        attended = attended * bridge_input.mask.query_has_key.to(attended.dtype)
+        if bridge_input.mask.query_has_key is not None:  # a query with no key to read gets no residual
+            attended = attended * bridge_input.mask.query_has_key.to(device=attended.device, dtype=attended.dtype)
         batch, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         output = self.o_proj(attended)
         if self.relative_scale:  # residual measured in units of the anchor's own per-token RMS
-            output = output * hidden.float().pow(2).mean(-1, keepdim=True).sqrt().detach().to(output.dtype)
-        return output.to(hidden.dtype)
+            output = output * local.float().pow(2).mean(-1, keepdim=True).sqrt().detach().to(output.dtype)
+        return output.to(device=hidden.device, dtype=hidden.dtype)

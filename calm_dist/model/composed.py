@@ -11,7 +11,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from calm_dist.model.alignment import AugmentInput, aligned_allowed
 from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
-from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask, ProjectedKV
+from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask
+from calm_dist.model.cache import CALMCache, ProjectedKV, growing_cache
 from calm_dist.model.connections import resolve_connections, resolve_per_model_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
 from calm_dist.model.loss import TokenStatistics, causal_lm_loss, predicting_positions, token_statistics
@@ -169,13 +170,13 @@ class CALMModel(nn.Module):
                                  f"the anchor's is {batch}")
         return [None if own is None else own.to(attention_mask.device) for own in augment_inputs]
 
-    def _check_own_caches(self, augment_inputs, caches: dict) -> None:
+    def _check_own_caches(self, augment_inputs, caches: CALMCache) -> None:
         """With caches, a model reading its own tokens holds the first P of them in its cache and its bridges'
         projected keys/values (the caller crops all of them to the prefix its new tokenisation kept)."""
         if self.augments[0] is None:
             return  # the states come from elsewhere
-        augment_caches = caches.get("augments") or [None] * len(augment_inputs)
-        bridge_caches = caches.get("bridges") or [None] * len(self.bridges)
+        augment_caches = caches.augments or [None] * len(augment_inputs)
+        bridge_caches = caches.bridges or [None] * len(self.bridges)
         for index, own in enumerate(augment_inputs):
             if own is None:
                 continue
@@ -188,14 +189,16 @@ class CALMModel(nn.Module):
                                  f"{own.input_ids.shape[-1]} tokens; give every cache and crop them to one prefix of "
                                  "its tokenisation")
 
-    def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets):
-        """One mask per augmenting model; models reading the anchor's ids share the index-based one."""
+    def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets, device):
+        """One mask per augmenting model; models reading the anchor's ids share the index-based one
+        (without padding, ``attention_mask`` None: causal only)."""
         index_mask = None
         masks = []
         for own in augment_inputs:
             if own is None:
                 if index_mask is None:
-                    index_mask = CrossMask.from_allowed(cross_attention_allowed(attention_mask, past_len, query_len))
+                    index_mask = CrossMask.causal(past_len, query_len, device) if attention_mask is None else \
+                        CrossMask.from_allowed(cross_attention_allowed(attention_mask, past_len, query_len))
                 masks.append(index_mask)
             else:
                 anchor_end = anchor_end_offsets.to(attention_mask.device).masked_fill(attention_mask == 0, 0)
@@ -203,12 +206,13 @@ class CALMModel(nn.Module):
                 masks.append(CrossMask.from_allowed(allowed))
         return masks
 
-    def step(self, input_ids, attention_mask, *, caches=None, augment_states=None, logits_to_keep=0,
-             augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None):
-        """One forward over new tokens ``input_ids`` given the full ``attention_mask`` so far.
+    def step(self, input_ids, attention_mask, *, caches: CALMCache | None = None, augment_states=None,
+             logits_to_keep=0, augment_inputs: Sequence[AugmentInput | None] | None = None, anchor_end_offsets=None):
+        """One forward over new tokens ``input_ids`` given the full ``attention_mask`` so far (None: no
+        padding anywhere, so neither model nor the bridges need a padding mask).
 
-        ``caches`` (generation) is a dict with the anchor's HF cache, one HF cache per augmenting
-        model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
+        ``caches`` (generation, from ``new_caches``) holds the anchor's HF cache, one HF cache per
+        augmenting model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
         ``augment_inputs`` (one per augmenting model, None = reads the anchor's ids) gives models
         with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
         ``anchor_end_offsets`` ``[B, T]`` over all T tokens so far (see ``alignment.py``). With ``caches``
@@ -216,18 +220,28 @@ class CALMModel(nn.Module):
         keys/values hold the first P tokens of it and the tokens from P on run (``generate_text`` crops them
         to the prefix a re-tokenisation kept).
         """
-        past_len = attention_mask.shape[-1] - input_ids.shape[-1]
-        position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
+        if attention_mask is None and augment_inputs is not None and any(own is not None for own in augment_inputs):
+            # the offset alignment reads a mask over every anchor token so far, the cached ones included
+            past = caches.get_seq_length() if caches is not None else 0
+            attention_mask = input_ids.new_ones((input_ids.shape[0], past + input_ids.shape[-1]))
+        if attention_mask is None:
+            past_len = caches.get_seq_length() if caches is not None else 0
+            position_ids = torch.arange(past_len, past_len + input_ids.shape[-1], device=input_ids.device)
+            position_ids = position_ids.expand(input_ids.shape[0], -1)
+        else:
+            past_len = attention_mask.shape[-1] - input_ids.shape[-1]
+            position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
         augment_inputs = self._checked_augment_inputs(augment_inputs, anchor_end_offsets, attention_mask, caches)
-        caches = caches or {}
         if augment_states is None:
             augment_states = self.augment_hidden_states(
-                input_ids, attention_mask, position_ids, caches.get("augments"), augment_inputs
+                input_ids, attention_mask, position_ids, caches.augments if caches is not None else None,
+                augment_inputs,
             )
         if len(augment_states) != len(self.bridges):
             raise ValueError(f"expected {len(self.bridges)} augment states (one per bridge), got {len(augment_states)}")
-        masks = self._cross_masks(attention_mask, past_len, input_ids.shape[-1], augment_inputs, anchor_end_offsets)
-        bridge_caches = caches.get("bridges") or [None] * len(self.bridges)
+        masks = self._cross_masks(attention_mask, past_len, input_ids.shape[-1], augment_inputs, anchor_end_offsets,
+                                  input_ids.device)
+        bridge_caches = caches.bridges if caches is not None else [None] * len(self.bridges)
         context = CompositionContext([
             BridgeInput(state, masks[source], cache)
             for state, source, cache in zip(augment_states, self.bridge_sources, bridge_caches)
@@ -238,8 +252,8 @@ class CALMModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=caches.get("anchor"),
-            use_cache="anchor" in caches,
+            cache=caches.anchor if caches is not None else None,
+            use_cache=caches is not None,
             calm_context=context,
             **extra,
         )
@@ -267,13 +281,10 @@ class CALMModel(nn.Module):
         statistics = token_statistics(logits, labels, positions, row_weight)
         return CALMOutput(loss=statistics.mean_loss, logits=logits, statistics=statistics)
 
-    def new_caches(self) -> dict:
-        from transformers import DynamicCache
-
-        caches = {"anchor": DynamicCache(config=self.anchor.config), "bridges": [ProjectedKV() for _ in self.bridges]}
-        if self.augments[0] is not None:
-            caches["augments"] = [DynamicCache(config=model.config) for model in self.augments]
-        return caches
+    def new_caches(self) -> CALMCache:
+        """Empty generation caches for ``step``: the anchor's, each augmenting model's, each bridge's."""
+        augments = [] if self.augments[0] is None else [growing_cache(model.config) for model in self.augments]
+        return CALMCache(growing_cache(self.anchor.config), augments, [ProjectedKV() for _ in self.bridges])
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 8, **kwargs):
         from calm_dist.model.generation import greedy_generate

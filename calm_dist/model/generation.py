@@ -190,6 +190,13 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
+def _crop_projected(bridge_cache, length: int) -> None:
+    """A bridge's projected keys/values (``ProjectedKV``, HF's crop convention) to their first ``length``."""
+    extra = bridge_cache.length - length
+    if extra > 0:
+        bridge_cache.crop(-extra)
+
+
 class AlignedCaches:
     """One text's caches across tokenizers, with what they were computed from: the anchor tokens' end
     offsets and each own-tokenizer model's tokens (ids and end offsets). ``next_logits(row)`` gives the
@@ -258,9 +265,9 @@ class AlignedCaches:
 
     def _crop(self, keep: int, kept: list[int | None]) -> None:
         """Anchor (and shared-tokenizer models) to ``keep`` positions, each own-tokenizer model to its kept prefix."""
-        _crop(self.caches["anchor"], keep)
+        _crop(self.caches.anchor, keep)
         lengths = [keep if same is None else same for same in kept]
-        for cache, length in zip(self.caches["augments"], lengths):
+        for cache, length in zip(self.caches.augments, lengths):
             _crop(cache, length)
-        for bridge_cache, source in zip(self.caches["bridges"], self.model.bridge_sources):
-            bridge_cache.crop(lengths[source])
+        for bridge_cache, source in zip(self.caches.bridges, self.model.bridge_sources):
+            _crop_projected(bridge_cache, lengths[source])

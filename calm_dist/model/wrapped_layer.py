@@ -25,7 +25,7 @@ class ComposedDecoderLayer(nn.Module):
         (self._before if before else self._after).append((index, bridge))
 
     @staticmethod
-    def _apply(hidden, bridges, context: CompositionContext):
+    def _add_bridges(hidden, bridges, context: CompositionContext):
         residual = 0
         for index, bridge in bridges:
             residual = residual + bridge(hidden, context.inputs[index])
@@ -33,13 +33,13 @@ class ComposedDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, *args, calm_context: CompositionContext | None = None, **kwargs):
         if calm_context is not None:
-            hidden_states = self._apply(hidden_states, self._before, calm_context)
+            hidden_states = self._add_bridges(hidden_states, self._before, calm_context)
         output = self.layer(hidden_states, *args, **kwargs)
         if calm_context is None:
             return output
         if isinstance(output, tuple):
-            return (self._apply(output[0], self._after, calm_context),) + output[1:]
-        return self._apply(output, self._after, calm_context)
+            return (self._add_bridges(output[0], self._after, calm_context),) + output[1:]
+        return self._add_bridges(output, self._after, calm_context)
 
     def __getattr__(self, name):
         try:

@@ -147,14 +147,30 @@ def results_of(run_dir: Path, max_steps: int) -> RunResults:
     return RunResults(evaluations_at(records, 0), final)
 
 
+def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tensor]) -> Path:
+    """``<run dir>/export``: the trained bridges, the base models they belong to (path and sha256) and the
+    anchor's tokenizer, loadable with ``calm_dist.CALMForCausalLM.from_pretrained``."""
+    from calm_dist.export import save_composition
+    from calm_dist.model.hf import BaseModelRef
+    from calm_dist.identity import weights_checksum
+
+    def ref(path: Path) -> BaseModelRef:
+        return BaseModelRef(str(path.resolve()), weights_checksum(path))
+
+    models = job.models
+    return save_composition(job.run_dir / "export", composition_state, ref(models.anchor_dir),
+                            [ref(path) for path in models.augment_dirs], models.composition.connections,
+                            relative_scale=models.composition.relative_scale, tokenizer=models.tokenizer_dir,
+                            metadata={"run": job.config.run.name, "step": job.config.train.max_steps,
+                                      "data": job.data.fingerprint})
+
+
 def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], timer: Timer,
                   extra: dict | None = None) -> RunResults:
-    """results.json, run_summary.json, loss_curves.png and the trained composition, in the run directory."""
-    from safetensors.torch import save_file
-
+    """results.json, run_summary.json, loss_curves.png and the export of the trained composition, in the run
+    directory."""
     run_dir, config = job.run_dir, job.config
-    save_file({key: value.detach().float().contiguous() for key, value in composition_state.items()},
-              str(run_dir / "composition.safetensors"))
+    export_composition(job, composition_state)
     results = results_of(run_dir, config.train.max_steps)
     write_json_atomically(run_dir / "results.json", dataclasses.asdict(results))
     summary = {

@@ -7,16 +7,15 @@ out the current key's m_A state; the bias lets it.
     PYTHONPATH=. python docs/experiments/relative_position_bias.py ANCHOR_DIR AUGMENT_DIR BUCKETS STEPS \
         [--same-position-init LOGIT] [--set overrides]
 
-ANCHOR_DIR / AUGMENT_DIR: saved m_B / m_A (cache entries under run.cache_dir, m_B trained with
-anchor.zero_unseen_embeddings=true). Runs the composition of configs/kv_arithmetic_200keys.yaml (the
-first default job) with the overrides given, in one process.
+ANCHOR_DIR / AUGMENT_DIR: saved m_B / m_A (the KV recipe's cache entries under
+run.cache_dir/kv_arithmetic/models/, m_B trained with recipe.anchor.zero_unseen_embeddings=true). Runs
+the generic job's composition of configs/kv_arithmetic_200keys.yaml (the first default job) with the
+overrides given, in one process, on the recipe's data, then the recipe's table.
 The bias starts at zero, or with LOGIT in bucket 0 (an anchor position reading its own augment
 position) for every head: Adam moves a logit by about the learning rate per step, so a zero-initialised
 bias stays small for the whole run.
 """
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -24,9 +23,13 @@ import torch.nn.functional as F
 
 from calm_dist.config import load_config
 from calm_dist.model.bridge import CrossAttentionBridge
-from calm_dist.train.composition import Evaluator, build_composed, train_composition
+from calm_dist.train.job import Timer, build_local_model, open_run_dir, prepare_job, write_results
+from calm_dist.train.local import LoopSettings, train_in_process
 from calm_dist.train.report import MetricsLogger
-from calm_dist.train.task_data import prepare_task_data
+from recipes.kv_arithmetic import recipe
+from recipes.kv_arithmetic.recipe import Prepared, job_config
+from recipes.kv_arithmetic.settings import recipe_settings
+from recipes.kv_arithmetic.task_data import max_length, prepare_task_files
 
 
 def biased_forward(self, hidden, bridge_input):
@@ -51,22 +54,27 @@ def main(anchor_dir: str, augment_dir: str, buckets: int, steps: int, same_posit
          overrides: list[str]) -> None:
     CrossAttentionBridge.forward = biased_forward
     config = load_config("configs/kv_arithmetic_200keys.yaml",
-                         ["run.launcher=local", f"train.max_steps={steps}", *overrides])
-    task_data = prepare_task_data(config)
-    model = build_composed(config, {"anchor": Path(anchor_dir), "augment": Path(augment_dir)}, task_data)
+                         ["run.launcher=local", f"train.max_steps={steps}",
+                          f"run.name=position_bias-{buckets}-{steps}", *overrides])
+    settings = recipe_settings(config)
+    files = prepare_task_files(config.run.cache_dir, settings.data, config.run.seed)
+    config = job_config(config, Prepared(files, Path(anchor_dir), Path(augment_dir), {}), max_length(settings.data))
+    job = prepare_job(config)
+    model = build_local_model(job)
     for bridge in model.bridges:
         bias = torch.zeros(bridge.num_heads, buckets)
         bias[:, 0] = same_position_init
         bridge.position_bias = torch.nn.Parameter(bias)
-    out = Path(config.run.output_dir) / f"position_bias-{buckets}-{steps}-{int(time.time())}"
-    out.mkdir(parents=True)
-    logger = MetricsLogger(out)
-    evaluator = Evaluator(config, task_data, show_progress=False)
-    train_composition(model, config, task_data, logger, evaluator)
-    logger.close()
-    results = evaluator.table(model)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results))
+    run_dir = open_run_dir(job)
+    logger = MetricsLogger(run_dir)
+    try:
+        train_in_process(model, job.data, LoopSettings(config.train, config.eval, config.run.seed),
+                         lambda report: logger.log(report.record()))
+    finally:
+        logger.close()
+    write_results(job, model.composition_state_dict(), Timer())
+    recipe.finish(config, run_dir)
+    print(run_dir)
 
 
 if __name__ == "__main__":

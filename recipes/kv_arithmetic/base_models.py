@@ -1,17 +1,24 @@
-"""Building, training and caching the two frozen base models (m_A and m_B)."""
+"""Small Hugging Face causal LMs built from the recipe's architecture settings, and their cache entries.
+
+A saved base model is an ordinary model directory: ``save_pretrained``'s files, the tokenizer it was
+trained with (copied byte for byte, so ``AutoTokenizer.from_pretrained(model_dir)`` gives that
+tokenizer), and ``calm_dist_base.json`` (what it was trained on, for how long, its loss curve).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from calm_dist.config import BaseModelConfig, ModelConfig, to_dict
-from calm_dist.identity import weights_checksum  # noqa: F401  (re-exported for the job's callers)
+from .settings import ArchitectureSettings, BaseModelSettings
+
+TRAINING_RECORD = "calm_dist_base.json"
+DEFAULT_POSITIONS = 64
 
 _ARCH_CONFIGS = {
     "llama": ("LlamaConfig", dict(hidden_size="hidden_size", num_hidden_layers="num_layers",
@@ -25,7 +32,21 @@ _ARCH_CONFIGS = {
 }
 
 
-def hf_config(model: ModelConfig, vocab_size: int, special_ids: dict, max_positions: int = 64):
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a model needs to know of its tokenizer."""
+
+    size: int
+    pad_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "Vocabulary":
+        return cls(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def hf_config(model: ArchitectureSettings, vocabulary: Vocabulary, max_positions: int = DEFAULT_POSITIONS):
     """A small Hugging Face config for a model trained from scratch."""
     import transformers
 
@@ -37,36 +58,70 @@ def hf_config(model: ModelConfig, vocab_size: int, special_ids: dict, max_positi
         kwargs.update(max_position_embeddings=max_positions)
     else:
         kwargs.update(max_position_embeddings=max_positions, num_key_value_heads=model.num_heads)
-    config = getattr(transformers, class_name)(vocab_size=vocab_size, **kwargs, **special_ids)
-    return config
+    return getattr(transformers, class_name)(
+        vocab_size=vocabulary.size, pad_token_id=vocabulary.pad_token_id, bos_token_id=vocabulary.bos_token_id,
+        eos_token_id=vocabulary.eos_token_id, **kwargs)
 
 
-def build_model(model: ModelConfig, vocab_size: int, special_ids: dict, seed: int):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(hf_config(model, vocab_size, special_ids))
+def build_model(model: ArchitectureSettings, vocabulary: Vocabulary, seed: int,
+                max_positions: int = DEFAULT_POSITIONS):
+    """An untrained model; its initial weights depend on ``seed`` alone."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(hf_config(model, vocabulary, max_positions))
 
 
-def load_pretrained(path: str | os.PathLike, role: str):
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{role} model path {str(path)!r} holds no saved Hugging Face model (no config.json); "
-            f"set {role}.model.path to a directory written by save_pretrained, or leave it empty to train one"
-        )
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def cache_key(base: BaseModelConfig, task_fingerprint: str, seed: int) -> str:
-    blob = json.dumps({"base": to_dict(base), "data": task_fingerprint, "seed": seed}, sort_keys=True)
+def cache_key(base: BaseModelSettings, training_file: Path, tokenizer_dir: Path, seed: int, max_positions: int) -> str:
+    """Identity of a trained base model: its settings, seed, and the content of its data and tokenizer."""
+    blob = json.dumps({"base": asdict(base), "seed": seed, "positions": max_positions,
+                       "data": file_sha256(training_file), "tokenizer": file_sha256(tokenizer_dir / "tokenizer.json")},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def save_atomically(model, tokenizer, target: Path, extra: dict) -> None:
-    """save_pretrained into a temporary sibling directory, then rename: no half-written model."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_saved(directory: Path) -> bool:
+    return (directory / TRAINING_RECORD).is_file()
+
+
+def save_atomically(model, tokenizer_dir: Path, target: Path, record: dict) -> None:
+    """The model, its tokenizer's files and its training record into ``target``, which appears at once."""
     temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    (temporary / "calm_dist_base.json").write_text(json.dumps(extra, indent=2))
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, temporary / item.name)
+    (temporary / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(temporary, target)
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """``calm_dist_base.json`` of a saved base model."""
+
+    role: str
+    trained_on: str
+    seconds: float
+    losses: list[float]
+    zeroed_embeddings: int = 0
+
+    @classmethod
+    def read(cls, directory: Path) -> "TrainingRecord":
+        return cls(**json.loads((directory / TRAINING_RECORD).read_text()))
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1]
+
+    def curve(self) -> list[tuple[int, float]]:
+        return list(enumerate(self.losses, start=1))

@@ -1,33 +1,84 @@
-"""Training m_A and m_B from scratch (the default job's base models), cached by fingerprint."""
+"""Training the recipe's base models from scratch, on the framework's own data path: the JSONL rows are
+tokenised by ``data_pipeline.prepare_data`` (as the job tokenises D_C), read by its ``ShardedReader``
+and trained by ``calm_dist.train.loop.train_loop``. Each model is cached by its identity."""
 from __future__ import annotations
 
-import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.compute as pc
 import torch
 
 import data_pipeline as dp
-from calm_dist.config import Config
-from calm_dist.model.loss import causal_lm_loss
-from calm_dist.train.base_models import build_model, cache_key, load_pretrained, save_atomically
-from calm_dist.train.loop import OptimSettings, train_loop
-from calm_dist.train.task_data import ANCHOR_TRAIN, AUGMENT_TRAIN, TaskData
+from calm_dist.optim import OptimSettings
+from calm_dist.train.evaluate import causal_lm_statistics
+from calm_dist.train.loop import train_loop
 
-SIDES = {"augment": AUGMENT_TRAIN, "anchor": ANCHOR_TRAIN}
+from .base_models import (
+    DEFAULT_POSITIONS,
+    TrainingRecord,
+    Vocabulary,
+    build_model,
+    cache_key,
+    is_saved,
+    save_atomically,
+)
+from .settings import BaseModelSettings
+from .task_data import RECIPE_DIR
+from .tokenizer import load_tokenizer
 
 
-def model_dir(config: Config, side: str, task_data: TaskData) -> Path:
-    """Where a side's model is: its configured path, or its cache entry."""
-    base = getattr(config, side)
-    if base.model.path:
-        return Path(base.model.path)
-    key = cache_key(base, task_data.split_fingerprint(SIDES[side]), config.run.seed)
-    return Path(config.run.cache_dir) / "models" / f"{side}-{key}"
+@dataclass(frozen=True)
+class PretrainTask:
+    """One base model: its role (the cache entry's name), settings, seed, data and tokenizer."""
+
+    role: str
+    settings: BaseModelSettings
+    seed: int  # of its initial weights and of its batches' order
+    training_file: Path
+    eval_file: Path  # tokenised beside the training rows (the data pipeline wants an evaluation set)
+    tokenizer_dir: Path
+    max_length: int  # tokens of the longest row
+    cache_dir: Path  # run.cache_dir
+
+    @property
+    def max_positions(self) -> int:
+        return max(DEFAULT_POSITIONS, self.max_length)
+
+    def model_dir(self) -> Path:
+        key = cache_key(self.settings, self.training_file, self.tokenizer_dir, self.seed, self.max_positions)
+        return self.cache_dir / RECIPE_DIR / "models" / f"{self.role}-{key}"
+
+
+def tokenised(task: PretrainTask, log=print) -> dp.PreparedData:
+    """The task's rows tokenised by the framework's data pipeline (cached by fingerprint)."""
+    spec = dp.DataSpec(dp.DataSource(f"recipe {task.role} training rows", str(task.training_file)),
+                       {"eval": dp.DataSource(f"recipe {task.role} evaluation rows", str(task.eval_file))},
+                       settings=dp.TokenizeSettings(task.max_length), seed=task.seed)
+    data = dp.prepare_data(spec, load_tokenizer(task.tokenizer_dir), task.cache_dir, log)
+    summary = data.splits["train"]
+    assert summary.rows == summary.rows_in, f"{task.training_file}: rows longer than {task.max_length} tokens"
+    return data
+
+
+def seen_token_ids(data: dp.PreparedData) -> torch.Tensor:
+    """Every token id that occurs in the tokenised training rows."""
+    import pyarrow.compute as pc
+
+    ids = dp.TokenisedRows(data.train).table.column("input_ids")
+    return torch.from_numpy(pc.unique(pc.list_flatten(ids)).to_numpy().astype("int64"))
+
+
+def zero_unseen_embeddings(model, seen: torch.Tensor) -> int:
+    """Zeroes the input embeddings of the tokens not in ``seen``; returns their count."""
+    embeddings = model.get_input_embeddings().weight
+    unseen = torch.ones(embeddings.shape[0], dtype=torch.bool)
+    unseen[seen] = False
+    with torch.no_grad():
+        embeddings[unseen] = 0
+    return int(unseen.sum())
 
 
 class _ThreadHandover:
@@ -43,81 +94,49 @@ class _ThreadHandover:
             self.taken = True
 
 
-def init_seed(config: Config, side: str) -> int:
-    """The seed of a side's initial weights and of its training batches."""
-    return config.run.seed + (1 if side == "augment" else 2)
-
-
-def pretrain_on_split(config: Config, side: str, split: str, task_data: TaskData, target: Path) -> dict:
-    """Trains a model like ``side``'s (architecture, settings, seed) on another split, saved to ``target``."""
-    return _pretrain(config, side, task_data, target, config.run.threads, split=split)
-
-
-def _pretrain(config: Config, side: str, task_data: TaskData, target: Path, threads: int,
-              done=None, other_done=None, all_threads: int = 0, split: str | None = None) -> dict:
+def pretrain(task: PretrainTask, data: dp.PreparedData, threads: int = 0, done=None, other_done=None,
+             all_threads: int = 0) -> TrainingRecord:
+    """Trains the task's model and saves it to ``task.model_dir()``."""
     if threads:
         torch.set_num_threads(threads)
     handover = _ThreadHandover(other_done, all_threads)
-    base = getattr(config, side)
-    split = split or SIDES[side]
-    seed = init_seed(config, side)
-    model = build_model(base.model, task_data.vocab_size, task_data.special_ids, seed).train()
-    reader = dp.ShardedReader(task_data.directory, split, base.pretrain.batch_size, seed=seed,
-                              pad_id=task_data.special_ids["pad_token_id"])
-    log = []
-
-    def loss_fn(batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return causal_lm_loss(logits, batch["labels"], batch["attention_mask"])
-
-    start = time.perf_counter()
-    train_loop(loss_fn, list(model.parameters()), reader, OptimSettings.of(base.pretrain),
-               description=f"pretrain {side} ({'m_A' if side == 'augment' else 'm_B'}) on {split}",
-               on_step=lambda step, loss, lr: (log.append({"step": step, "loss": loss, "lr": lr}), handover()))
-    seconds = time.perf_counter() - start
+    tokenizer = load_tokenizer(task.tokenizer_dir)
+    model = build_model(task.settings.model, Vocabulary.of(tokenizer), task.seed, task.max_positions).train()
+    reader = dp.ShardedReader(data.train, task.settings.pretrain.batch_size, seed=task.seed, pad_id=data.pad_id)
+    statistics = causal_lm_statistics(model)
+    started = time.perf_counter()
+    losses = train_loop(lambda batch: statistics(batch).mean_loss, list(model.parameters()), reader,
+                        OptimSettings.of(task.settings.pretrain), description=f"pretrain {task.role}",
+                        on_step=lambda step, loss, lr: handover())
+    seconds = time.perf_counter() - started
     if done is not None:
         done.set()
-    if base.zero_unseen_embeddings:
-        zero_unseen_embeddings(model, task_data, split)
-    tokenizer = dp.load_tokenizer(task_data.tokenizer_dir)
-    save_atomically(model.eval(), tokenizer, target, {"side": side, "split": split, "seconds": seconds, "log": log})
-    return {"side": side, "seconds": seconds, "final_loss": log[-1]["loss"]}
+    zeroed = zero_unseen_embeddings(model, seen_token_ids(data)) if task.settings.zero_unseen_embeddings else 0
+    record = TrainingRecord(task.role, task.training_file.name, round(seconds, 2), losses, zeroed)
+    save_atomically(model.eval(), task.tokenizer_dir, task.model_dir(), asdict(record))
+    return record
 
 
-def zero_unseen_embeddings(model, task_data: TaskData, split: str) -> int:
-    """Zeroes the input embeddings of the tokens that never occur in ``split``; returns their count."""
-    table, _ = dp.load_split(task_data.directory, split)
-    seen = torch.from_numpy(np.unique(pc.list_flatten(table.column("input_ids")).to_numpy()))
-    embeddings = model.get_input_embeddings().weight
-    unseen = torch.ones(embeddings.shape[0], dtype=torch.bool)
-    unseen[seen] = False
-    with torch.no_grad():
-        embeddings[unseen] = 0
-    return int(unseen.sum())
-
-
-def ensure_base_models(config: Config, task_data: TaskData) -> dict[str, Path]:
-    """Both base models' directories; trains the missing ones (side by side when both are)."""
-    targets = {side: model_dir(config, side, task_data) for side in SIDES}
-    missing = [side for side, path in targets.items() if not (path / "config.json").is_file()]
-    for side in missing:
-        if getattr(config, side).model.path:
-            load_pretrained(targets[side], side)  # raises FileNotFoundError naming the key
-    all_threads = config.run.threads or torch.get_num_threads()
+def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> list[Path]:
+    """Each task's model directory; trains the missing ones (two side by side when there are two and
+    at least two threads)."""
+    targets = [task.model_dir() for task in tasks]
+    missing = [task for task, target in zip(tasks, targets) if not is_saved(target)]
+    prepared = [tokenised(task, log) for task in missing]
+    all_threads = threads or torch.get_num_threads()
     if len(missing) == 2 and all_threads >= 2:
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager, ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
-            done = {side: manager.Event() for side in missing}
-            futures = [pool.submit(_pretrain, config, side, task_data, targets[side], 1, done[side],
-                                   done[other], all_threads) for side, other in zip(missing, reversed(missing))]
+            done = [manager.Event() for _ in missing]
+            futures = [pool.submit(pretrain, task, data, 1, done[index], done[1 - index], all_threads)
+                       for index, (task, data) in enumerate(zip(missing, prepared))]
             for future in futures:
                 future.result()
     else:
-        for side in missing:
-            _pretrain(config, side, task_data, targets[side], config.run.threads)
+        previous = torch.get_num_threads()
+        try:
+            for task, data in zip(missing, prepared):
+                pretrain(task, data, threads)
+        finally:
+            torch.set_num_threads(previous)
     return targets
-
-
-def pretrain_summary(path: Path) -> dict:
-    info = json.loads((path / "calm_dist_base.json").read_text()) if (path / "calm_dist_base.json").is_file() else {}
-    return {"seconds": info.get("seconds"), "final_loss": (info.get("log") or [{}])[-1].get("loss")}

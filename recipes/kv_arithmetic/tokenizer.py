@@ -1,22 +1,26 @@
-"""Word-level tokenizer for the KV-arithmetic tasks: one token per key, number and operator."""
+"""The recipe's tokenizers, saved as ordinary Hugging Face fast tokenizers.
 
+The word-level tokenizer gives one token per key, number and operator; the character-level one (the
+"different tokenizer" row) one per non-space character. Both put BOS first themselves (a
+TemplateProcessing post-processor): the framework adds BOS only when the tokenizer does, and the base
+models are trained on rows that start with it. EOS is the framework's to add after a completion.
+"""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from .tasks import OPERATORS, number_token_range
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
-TOKENIZER_FILE = "tokenizer.json"
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789+-="
 
 
 def build_vocab(keys: Iterable[str], *, value_max: int, max_operands: int) -> dict[str, int]:
@@ -33,23 +37,27 @@ def build_vocab(keys: Iterable[str], *, value_max: int, max_operands: int) -> di
     return vocab
 
 
-def build_tokenizer(
-    keys: Iterable[str], *, value_max: int, max_operands: int
-) -> PreTrainedTokenizerFast:
-    """A WordLevel/WhitespaceSplit tokenizer that never adds bos/eos by itself."""
-    vocab = build_vocab(keys, value_max=value_max, max_operands=max_operands)
+def _fast_tokenizer(vocab: dict[str, int], pre_tokenizer) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        padding_side="right",
-    )
+    backend.pre_tokenizer = pre_tokenizer
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                        unk_token=UNK, padding_side="right")
     assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
     return tokenizer
+
+
+def build_tokenizer(keys: Iterable[str], *, value_max: int, max_operands: int) -> PreTrainedTokenizerFast:
+    """Words split on whitespace, one id each; BOS first."""
+    vocab = build_vocab(keys, value_max=value_max, max_operands=max_operands)
+    return _fast_tokenizer(vocab, pre_tokenizers.WhitespaceSplit())
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per non-space character (offsets refer to the original text); BOS first."""
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *CHARACTERS])}
+    return _fast_tokenizer(vocab, pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]))
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | os.PathLike) -> Path:
@@ -76,45 +84,10 @@ def replace_directory(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Load a tokenizer saved by :func:`save_tokenizer`."""
-    path = Path(directory) / TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {TOKENIZER_FILE} in {directory}; build one with "
-            f"data_pipeline.build_tokenizer + save_tokenizer"
-        )
-    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+def load_tokenizer(directory: str | os.PathLike):
+    """The tokenizer saved in ``directory``, loaded as the job loads it (``AutoTokenizer``)."""
+    from transformers import AutoTokenizer
 
-
-def tokenizer_hash(tokenizer_or_dir: PreTrainedTokenizerFast | str | os.PathLike) -> str:
-    """sha256 hex of the ``tokenizer.json`` that ``save_pretrained`` writes."""
-    if isinstance(tokenizer_or_dir, (str, os.PathLike)):
-        path = Path(tokenizer_or_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {TOKENIZER_FILE} in {tokenizer_or_dir}")
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_or_dir.save_pretrained(scratch)
-        return hashlib.sha256((Path(scratch) / TOKENIZER_FILE).read_bytes()).hexdigest()
-
-
-def encode_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Ids of ``text`` without special tokens; ValueError on a word outside the vocabulary."""
-    return encode_many(tokenizer, [text])[0]
-
-
-def encode_many(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    """:func:`encode_words` for many texts; each distinct text is encoded once."""
-    unique = list(dict.fromkeys(texts))
-    encodings = tokenizer.backend_tokenizer.encode_batch(unique, add_special_tokens=False)
-    ids = {text: encoding.ids for text, encoding in zip(unique, encodings)}
-    unk_id = tokenizer.unk_token_id
-    for text, text_ids in ids.items():
-        if unk_id in text_ids:
-            unknown = [w for w in text.split() if tokenizer.convert_tokens_to_ids(w) == unk_id]
-            raise ValueError(
-                f"{text!r} has words outside the tokenizer vocabulary: {unknown}; rebuild "
-                f"the tokenizer with these keys / a larger value_max or max_operands"
-            )
-    return [ids[text] for text in texts]
+    if not (Path(directory) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {directory}; save one with save_tokenizer")
+    return AutoTokenizer.from_pretrained(str(directory))
