@@ -149,7 +149,8 @@ def results_of(run_dir: Path, max_steps: int) -> RunResults:
 
 def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tensor]) -> Path:
     """``<run dir>/export``: the trained bridges, the base models they belong to (path and sha256) and the
-    anchor's tokenizer, loadable with ``calm_dist.CALMForCausalLM.from_pretrained``."""
+    anchor's tokenizer (and each augmenting model's own, where it has one), loadable with
+    ``calm_dist.CALMForCausalLM.from_pretrained``."""
     from calm_dist.export import save_composition
     from calm_dist.model.hf import BaseModelRef
     from calm_dist.identity import weights_checksum
@@ -162,7 +163,8 @@ def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tens
                             [ref(path) for path in models.augment_dirs], models.composition.connections,
                             relative_scale=models.composition.relative_scale, tokenizer=models.tokenizer_dir,
                             metadata={"run": job.config.run.name, "step": job.config.train.max_steps,
-                                      "data": job.data.fingerprint})
+                                      "data": job.data.fingerprint},
+                            augment_tokenizers=list(models.augment_tokenizer_dirs) or None)
 
 
 def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], timer: Timer,
