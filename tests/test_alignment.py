@@ -234,6 +234,25 @@ def test_cached_generation_reruns_what_a_re_cut_changes_and_equals_a_full_forwar
         caches.next_logits([row[1]] + row)
 
 
+def test_a_token_that_adds_no_text_runs_no_augment_token_and_equals_a_full_forward():
+    from calm_dist.model.generation import AlignedCaches
+
+    model, tokenizers = re_cut_model()
+    row = ANCHOR_TOKENIZER("a ab")["input_ids"]
+    caches = AlignedCaches(model, ANCHOR_TOKENIZER, tokenizers)
+    caches.next_logits(row)
+    before = list(caches.work)
+    for token in (EOS, PAD):  # special tokens: decoding skips them, so no augmenting tokenisation changes
+        row = row + [token]
+        logits = caches.next_logits(row)
+        text, ends = decode_with_end_offsets(ANCHOR_TOKENIZER, row)
+        with torch.no_grad():
+            full = model(torch.tensor([row]), anchor_end_offsets=torch.tensor([ends]),
+                         augment_inputs=[token_end_offsets(tokenizer, [text]) for tokenizer in tokenizers]).logits
+        torch.testing.assert_close(logits, full[0, -1], atol=1e-5, rtol=1e-5)
+    assert caches.work[1:] == before[1:] and caches.work[0] == before[0] + 2  # only the two anchor tokens ran
+
+
 def test_cached_generate_text_equals_recomputed_generate_text_with_re_cuts():
     model, tokenizers = re_cut_model()
     prompts = ["ab ba b", "bab", "a ab  b"]

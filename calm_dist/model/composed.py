@@ -131,10 +131,19 @@ class CALMModel(nn.Module):
                 states += self._tapped_states(index, input_ids, attention_mask, position_ids, cache)
             else:  # its own tokens: those past what its cache holds are new
                 cached = 0 if cache is None else cache.get_seq_length()
+                new_ids = own.input_ids[:, cached:]
+                if new_ids.shape[-1] == 0:  # the text grew by nothing this tokenizer sees (e.g. a special token)
+                    states += self._no_new_states(index, new_ids)
+                    continue
                 own_positions = position_ids_from_mask(own.attention_mask)[:, cached:]
-                states += self._tapped_states(index, own.input_ids[:, cached:], own.attention_mask, own_positions,
-                                              cache)
+                states += self._tapped_states(index, new_ids, own.attention_mask, own_positions, cache)
         return states
+
+    def _no_new_states(self, index, new_ids) -> list[torch.Tensor]:
+        """Empty taps ``[B, 0, D_A]`` for a model with no new tokens: its bridges' projected keys stay as cached."""
+        weight = next(self.augments[index].parameters())
+        empty = weight.new_zeros((new_ids.shape[0], 0, self.augment_shapes[index].hidden_size))
+        return [empty for _ in self.tapped_layers_of(index)]
 
     def _tapped_states(self, index, input_ids, attention_mask, position_ids, cache) -> list[torch.Tensor]:
         tapped = self.tapped_layers_of(index)
