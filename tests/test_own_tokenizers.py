@@ -278,3 +278,16 @@ def test_the_job_on_a_simulated_two_node_ray_cluster_matches_the_single_process_
     assert nodes[2] == nodes[3] != nodes[0] and resources[nodes[2]].get("augment")
     assert summary["augment_tokenizers"] == [str(path) for path in job.models.augment_tokenizer_dirs]
     assert summary["data"]["splits"]["train"]["augment_longest"]["aug1"] > summary["data"]["splits"]["train"]["longest"]
+    # The run's export keeps both models' tokenizers and generates from text, equal to full recomputation
+    from transformers import AutoTokenizer
+
+    from calm_dist import CALMForCausalLM
+    from calm_dist.model import generate_text
+
+    exported = CALMForCausalLM.from_pretrained(run_dir / "export")
+    assert exported.own_tokenizer_models == [0, 1]
+    prompts = [" ".join(WORDS[:3]) + " =>", WORDS[4]]
+    cached = exported.generate_text(prompts, max_new_tokens=5, eos_token_id=None)
+    recomputed = generate_text(exported.calm, AutoTokenizer.from_pretrained(run_dir / "export"),
+                               exported.augment_tokenizers(), prompts, 5, eos_token_id=None, use_cache=False)
+    assert cached.new_token_ids == recomputed.new_token_ids and cached.texts == recomputed.texts
