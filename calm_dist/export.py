@@ -34,6 +34,7 @@ def save_composition(
     relative_scale: bool = False,
     tokenizer: str | os.PathLike | Any | None = None,
     metadata: Mapping[str, Any] | None = None,
+    augment_tokenizers: Sequence[str | os.PathLike | Any | None] | None = None,
 ) -> Path:
     """Writes an export of a trained composition to ``target_dir``, atomically (a temporary sibling
     directory renamed into place, replacing any previous export there), and returns its path.
@@ -49,12 +50,19 @@ def save_composition(
     - ``tokenizer``: the anchor's tokenizer, as a directory or a tokenizer object; default the anchor's
       directory (FileNotFoundError if it holds none).
     - ``metadata``: JSON-serialisable facts kept as ``config.json``'s ``calm_metadata`` (run, step, ...).
+    - ``augment_tokenizers``: per augmenting model, its own tokenizer (directory or object) when it reads
+      its own tokenisation (composed with ``shared_tokenizer=False``), None when it reads the anchor's ids;
+      written to ``augment<i>/`` and named in ``config.json``, so the export generates with ``generate_text``.
     """
     from transformers import AutoConfig
 
     if len(augments) != len(connections):
         raise ValueError(f"give one list of connections per augmenting model: {len(augments)} models, "
                          f"{len(connections)} lists")
+    own_tokenizers = list(augment_tokenizers) if augment_tokenizers is not None else [None] * len(augments)
+    if len(own_tokenizers) != len(augments):
+        raise ValueError(f"augment_tokenizers: one entry per augmenting model ({len(augments)}; None = it reads the "
+                         f"anchor's ids), got {len(own_tokenizers)}")
     _check_json(metadata)
     anchor_ref, anchor_dir = _identified(anchor, "anchor")
     spec = ExportSpec(
@@ -62,6 +70,7 @@ def save_composition(
         augments=tuple(_identified(model, f"augmenting model {index}")[0] for index, model in enumerate(augments)),
         connections=tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in connections),
         relative_scale=bool(relative_scale),
+        own_tokenizer=tuple(own is not None for own in own_tokenizers) if any(own_tokenizers) else (),
     )
     anchor_config = AutoConfig.from_pretrained(anchor_dir)
     config = CALMConfig.from_spec(spec, anchor_config, metadata)
@@ -70,7 +79,7 @@ def save_composition(
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         write_export_files(temporary, config, composition_state, _anchor_generation_config(anchor_dir, anchor_config),
-                           tokenizer if tokenizer is not None else anchor_dir)
+                           tokenizer if tokenizer is not None else anchor_dir, own_tokenizers)
         if target.exists():
             shutil.rmtree(target)
         os.replace(temporary, target)

@@ -6,6 +6,12 @@ named by a fingerprint of the sources (paths, sizes, modification times), the to
 settings, and appears atomically, so a second run (or every worker) finds it ready. ``prepared.json``
 beside the splits records each split's summary and every file's sha256, which are checked before a
 run uses them: a corrupted file is refused with its path.
+
+Augmenting models with tokenizers of their own (``augment_tokenizers``): every row's text is also
+tokenised, in the same pass, once per distinct tokenizer (told apart by ``tokenizer_fingerprint``), into
+columns ``aug<i>_input_ids`` and ``aug<i>_end_offsets`` of the same dataset (``i``: the first augmenting
+model with that tokenizer), so every tokenisation of a row stays in that row; the rules are
+``tokenize.Retokenisation``'s.
 """
 from __future__ import annotations
 
@@ -17,11 +23,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow.compute as pc
 
 from data_pipeline.formats import RowFormat, detect_format
-from data_pipeline.tokenize import RowError, TokenizeSettings, encode_rows
+from data_pipeline.tokenize import RowError, Retokenisation, TokenizeSettings, encode_rows
 
 SCHEMA_VERSION = 2
 MANIFEST = "prepared.json"
@@ -47,6 +54,24 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class AugmentTokenizer:
+    """An augmenting model's own tokenizer, and that model's position limit (None: none known)."""
+
+    tokenizer: object
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Tokenisation:
+    """One more tokenisation of every row, in columns ``<name>_input_ids`` and ``<name>_end_offsets``."""
+
+    name: str
+    fingerprint: str  # tokenizer_fingerprint of its tokenizer
+    pad_id: int
+    max_length: int | None  # the position limit it was cut to (the smallest of the models reading it)
+
+
+@dataclass(frozen=True)
 class SplitSummary:
     name: str
     source: str
@@ -59,6 +84,11 @@ class SplitSummary:
     tokens: int
     labelled_tokens: int
     longest: int
+    # with augmenting tokenizers: rows dropped as longer than an augmenting model's positions (data.overlong:
+    # drop) or without one token of it; rows whose augmenting tokenisation was cut (data.overlong: truncate)
+    dropped_augment: int = 0
+    augment_truncated: int = 0
+    augment_longest: dict[str, int] = field(default_factory=dict)  # per tokenisation, its longest row
 
 
 @dataclass(frozen=True)
@@ -67,6 +97,8 @@ class PreparedData:
     fingerprint: str
     pad_id: int
     splits: dict[str, SplitSummary]  # "train" and every evaluation set
+    tokenisations: dict[str, Tokenisation] = field(default_factory=dict)  # beside the anchor's, by column prefix
+    augment_columns: tuple[str | None, ...] = ()  # per augmenting model: its tokenisation, None = the anchor's
 
     @property
     def train(self) -> Path:
@@ -78,6 +110,11 @@ class PreparedData:
 
     def eval_dir(self, name: str) -> Path:
         return self.directory / f"eval-{name}"
+
+    @property
+    def pad_ids(self) -> dict[str, int]:
+        """Each tokenisation's pad id, by name."""
+        return {name: record.pad_id for name, record in self.tokenisations.items()}
 
 
 def pad_id_of(tokenizer) -> int:
@@ -167,14 +204,40 @@ def _rename(dataset, columns: dict[str, str], key: str):
     return dataset.rename_columns(columns) if columns else dataset
 
 
-def data_fingerprint(spec: DataSpec, tokenizer) -> str:
-    blob = json.dumps({
+def data_fingerprint(spec: DataSpec, tokenizer, tokenisations: Sequence[Tokenisation] = ()) -> str:
+    fields = {
         "schema": SCHEMA_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
         "train": source_fingerprint(spec.train),
         "evals": {name: source_fingerprint(source) for name, source in spec.evals.items()},
         "eval_fraction": spec.eval_fraction if not spec.evals else None, "seed": spec.seed,
-        "columns": spec.columns, "settings": asdict(spec.settings)}, sort_keys=True)
-    return "data-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
+        "columns": spec.columns, "settings": asdict(spec.settings)}
+    if tokenisations:
+        fields["tokenisations"] = [asdict(tokenisation) for tokenisation in tokenisations]
+    return "data-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def plan_tokenisations(anchor_tokenizer, augment_tokenizers: Sequence[AugmentTokenizer | None]
+                       ) -> tuple[list[Retokenisation], dict[str, Tokenisation], tuple[str | None, ...]]:
+    """One tokenisation per distinct augmenting tokenizer (by fingerprint; the anchor's needs none):
+    (what encodes them, their records by name, each augmenting model's tokenisation or None)."""
+    anchor = tokenizer_fingerprint(anchor_tokenizer)
+    encoders: dict[str, Retokenisation] = {}
+    records: dict[str, Tokenisation] = {}
+    by_fingerprint: dict[str, str] = {}
+    columns: list[str | None] = []
+    for index, augment in enumerate(augment_tokenizers):
+        fingerprint = None if augment is None else tokenizer_fingerprint(augment.tokenizer)
+        if fingerprint is None or fingerprint == anchor:
+            columns.append(None)
+            continue
+        name = by_fingerprint.setdefault(fingerprint, f"aug{index}")
+        limits = [limit for limit in (augment.max_length, records[name].max_length if name in records else None)
+                  if limit is not None]
+        limit = min(limits) if limits else None
+        records[name] = Tokenisation(name, fingerprint, pad_id_of(augment.tokenizer), limit)
+        encoders[name] = Retokenisation(name, augment.tokenizer, limit)
+        columns.append(name)
+    return list(encoders.values()), records, tuple(columns)
 
 
 def _num_proc(requested: int, rows: int) -> int | None:
@@ -182,7 +245,7 @@ def _num_proc(requested: int, rows: int) -> int | None:
     return count if count > 1 else None
 
 
-def _tokenise(dataset, name: str, source: DataSource, tokenizer, spec: DataSpec):
+def _tokenise(dataset, name: str, source: DataSource, tokenizer, spec: DataSpec, others: Sequence[Retokenisation]):
     row_format = detect_format(dataset.column_names, f"config key '{source.key}' ({source.location})")
     if row_format == RowFormat.MESSAGES and not tokenizer.chat_template:
         raise ValueError(f"config key '{source.key}': the rows are conversations ('messages') but the anchor "
@@ -190,7 +253,7 @@ def _tokenise(dataset, name: str, source: DataSource, tokenizer, spec: DataSpec)
                          "save_pretrained) or write prompt/completion rows")
     try:
         encoded = dataset.map(
-            lambda rows, indices: encode_rows(rows, row_format, tokenizer, spec.settings, indices[0]),
+            lambda rows, indices: encode_rows(rows, row_format, tokenizer, spec.settings, indices[0], others),
             batched=True, with_indices=True, remove_columns=dataset.column_names,
             num_proc=_num_proc(spec.num_proc, len(dataset)), desc=f"tokenising {name}")
     except RowError as error:
@@ -199,7 +262,13 @@ def _tokenise(dataset, name: str, source: DataSource, tokenizer, spec: DataSpec)
               for item in pc.value_counts(encoded.data.column("status")).to_pylist()}
     kept = encoded.filter(lambda rows: [s in ("kept", "truncated") for s in rows], input_columns="status",
                           batched=True)
+    augment_truncated = 0
+    if others:
+        augment_truncated = pc.sum(kept.data.column("others_truncated")).as_py() or 0
+        kept = kept.remove_columns("others_truncated")
     kept = kept.remove_columns("status").flatten_indices()
+    augment_longest = {other.name: pc.max(pc.list_value_length(kept.data.column(f"{other.name}_input_ids"))).as_py()
+                       or 0 for other in others}
     lengths = pc.list_value_length(kept.data.column("input_ids"))
     labels = kept.data.column("labels")
     labelled = 0
@@ -208,7 +277,8 @@ def _tokenise(dataset, name: str, source: DataSource, tokenizer, spec: DataSpec)
             - pc.sum(pc.not_equal(pc.list_element(labels, 0), -100)).as_py()
     summary = SplitSummary(name, source.location, row_format.value, len(dataset), len(kept), counts.get("overlong", 0),
                            counts.get("truncated", 0), counts.get("unlabelled", 0), pc.sum(lengths).as_py() or 0,
-                           labelled, pc.max(lengths).as_py() or 0)
+                           labelled, pc.max(lengths).as_py() or 0, counts.get("other_dropped", 0), augment_truncated,
+                           augment_longest)
     return kept, summary
 
 
@@ -224,12 +294,16 @@ def _file_checksums(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*.arrow"))}
 
 
-def prepare_data(spec: DataSpec, tokenizer, cache_dir: str | os.PathLike, log=print) -> PreparedData:
-    """Tokenised train and evaluation sets under ``cache_dir/data/<fingerprint>`` (made if missing)."""
+def prepare_data(spec: DataSpec, tokenizer, cache_dir: str | os.PathLike, log=print,
+                 augment_tokenizers: Sequence[AugmentTokenizer | None] = ()) -> PreparedData:
+    """Tokenised train and evaluation sets under ``cache_dir/data/<fingerprint>`` (made if missing).
+    ``augment_tokenizers``: one entry per augmenting model, None (or the anchor's tokenizer) = it reads the
+    anchor's tokens."""
     import datasets
 
     cache_dir = Path(cache_dir)
-    fingerprint = data_fingerprint(spec, tokenizer)
+    others, tokenisations, augment_columns = plan_tokenisations(tokenizer, augment_tokenizers)
+    fingerprint = data_fingerprint(spec, tokenizer, list(tokenisations.values()))
     target = cache_dir / "data" / fingerprint
     if (target / MANIFEST).is_file():
         return load_prepared(target)
@@ -250,16 +324,19 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: str | os.PathLike, log=pr
     try:
         summaries = {}
         for name, (rows, source) in sources.items():
-            tokenised, summary = _tokenise(rows, name, source, tokenizer, spec)
+            tokenised, summary = _tokenise(rows, name, source, tokenizer, spec, others)
             if summary.rows == 0:
+                augment = (f", {summary.dropped_augment} longer than an augmenting model's positions or without "
+                           "one token of its tokenizer") if others else ""
                 raise ValueError(f"config key '{source.key}': no row of {source.location} is left after tokenisation "
                                  f"({summary.dropped_overlong} longer than data.max_length={spec.settings.max_length}, "
-                                 f"{summary.dropped_unlabelled} with nothing to learn)")
+                                 f"{summary.dropped_unlabelled} with nothing to learn{augment})")
             tokenised.save_to_disk(str(staging / ("train" if name == "train" else f"eval-{name}")))
             summaries[name] = summary
         manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "pad_id": pad_id_of(tokenizer),
                     "splits": {name: asdict(summary) for name, summary in summaries.items()},
-                    "sha256": _file_checksums(staging)}
+                    "tokenisations": {name: asdict(record) for name, record in tokenisations.items()},
+                    "augment_columns": list(augment_columns), "sha256": _file_checksums(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -290,4 +367,6 @@ def load_prepared(directory: str | os.PathLike, verify: bool = True) -> Prepared
                                  f"(its sha256 differs from the one written with it); delete {directory} and run "
                                  "again to tokenise the data afresh")
     splits = {name: SplitSummary(**summary) for name, summary in manifest["splits"].items()}
-    return PreparedData(directory, manifest["fingerprint"], int(manifest["pad_id"]), splits)
+    tokenisations = {name: Tokenisation(**record) for name, record in manifest.get("tokenisations", {}).items()}
+    return PreparedData(directory, manifest["fingerprint"], int(manifest["pad_id"]), splits, tokenisations,
+                        tuple(manifest.get("augment_columns", ())))

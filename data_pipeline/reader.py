@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -69,32 +70,95 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> n
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
-class TokenisedRows:
-    """Random access to the ``input_ids`` and ``labels`` of a tokenised dataset (memory-mapped Arrow)."""
+@dataclass(frozen=True)
+class BatchLayout:
+    """What a reader's batches carry.
 
-    def __init__(self, source):
+    - ``anchor``: the anchor's tokens: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding);
+    - ``end_offsets``: also each anchor token's end offset in its row's text (``end_offsets``, 0 on padding);
+    - ``tokenisations``: (name, pad id) of other tokenisations of the same rows (``prepare_data``'s
+      ``<name>_*`` columns): ``<name>_input_ids``, ``<name>_attention_mask``, ``<name>_end_offsets``.
+
+    Every tokenisation is padded on the right to its own longest row in the batch.
+    """
+
+    anchor: bool = True
+    end_offsets: bool = False
+    tokenisations: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        columns = ("input_ids", "labels") if self.anchor else ()
+        if self.end_offsets:
+            columns += ("end_offsets",)
+        for name, _ in self.tokenisations:
+            columns += (f"{name}_input_ids", f"{name}_end_offsets")
+        return columns
+
+
+def anchor_layout(augment_columns: Sequence[str | None], pad_ids: Mapping[str, int]) -> BatchLayout:
+    """An anchor rank's batches: its tokens and, when some augmenting model reads its own tokenisation
+    (``augment_columns``: per model, its tokenisation's name or None), their offsets and every such
+    tokenisation (for the cross-attention mask)."""
+    names = sorted({name for name in augment_columns if name is not None})
+    return BatchLayout(True, bool(names), tuple((name, pad_ids[name]) for name in names))
+
+
+def augment_layout(column: str | None, pad_ids: Mapping[str, int]) -> BatchLayout:
+    """An augmenting model's batches: its own tokenisation (``column``), or the anchor's tokens (None)."""
+    return BatchLayout() if column is None else BatchLayout(False, False, ((column, pad_ids[column]),))
+
+
+class TokenisedRows:
+    """Random access to columns (default ``input_ids`` and ``labels``) of a tokenised dataset (memory-mapped
+    Arrow)."""
+
+    def __init__(self, source, columns: Sequence[str] = ("input_ids", "labels")):
         import datasets
 
         dataset = source if isinstance(source, datasets.Dataset) else datasets.load_from_disk(str(source))
-        missing = {"input_ids", "labels"} - set(dataset.column_names)
+        missing = [name for name in columns if name not in dataset.column_names]
         if missing:
-            raise ValueError(f"{source}: not a tokenised dataset (no {sorted(missing)} columns); "
-                             "make one with data_pipeline.prepare_data")
-        self.table: pa.Table = dataset.data.table.select(["input_ids", "labels"])
+            hint = ("; an augmenting model with its own tokenizer needs data prepared with its tokenizer "
+                    "(prepare_data's augment_tokenizers)" if {"input_ids", "labels"} <= set(dataset.column_names)
+                    else "; make one with data_pipeline.prepare_data")
+            raise ValueError(f"{source}: not a tokenised dataset with columns {sorted(missing)}{hint}")
+        self.columns = tuple(columns)
+        self.table: pa.Table = dataset.data.table.select(list(self.columns))
 
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def take(self, rows: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def take(self, rows: Sequence[int]) -> tuple[list[np.ndarray], ...]:
+        """Each column's values of ``rows``, in the order of ``self.columns``."""
         chosen = self.table.take(pa.array(np.asarray(rows, dtype=np.int64)))
         columns = []
-        for name in ("input_ids", "labels"):
+        for name in self.columns:
             column = chosen.column(name).combine_chunks()
             lengths = pc.list_value_length(column).to_numpy()
             flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
             starts = np.concatenate([[0], np.cumsum(lengths)])
             columns.append([flat[starts[i]:starts[i + 1]] for i in range(len(lengths))])
-        return columns[0], columns[1]
+        return tuple(columns)
+
+    def batch(self, rows: Sequence[int], layout: BatchLayout, pad_id: int, padding_side: str = "right",
+              ignore_labels: bool = False) -> dict[str, torch.Tensor]:
+        """The padded batch of ``rows`` under ``layout`` (``pad_id``: the anchor's; ``ignore_labels``: every
+        label -100, for padding rows)."""
+        values = dict(zip(self.columns, self.take(rows)))
+        batch: dict[str, torch.Tensor] = {}
+        if layout.anchor:
+            labels = values["labels"]
+            if ignore_labels:
+                labels = [np.full_like(row, IGNORE_INDEX) for row in labels]
+            batch = collate_rows(values["input_ids"], labels, pad_id, padding_side)
+        if layout.end_offsets:
+            batch["end_offsets"], _ = pad_batch(values["end_offsets"], 0, padding_side)
+        for name, other_pad in layout.tokenisations:
+            ids, mask = pad_batch(values[f"{name}_input_ids"], other_pad, padding_side)
+            batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = ids, mask
+            batch[f"{name}_end_offsets"], _ = pad_batch(values[f"{name}_end_offsets"], 0, padding_side)
+        return batch
 
 
 def _check_reader_args(batch_size, rank, world_size, seed, epochs) -> None:
@@ -135,10 +199,12 @@ class ShardedReader:
         pad_id: int = 0,
         drop_last: bool = True,
         epochs: int | None = None,
+        layout: BatchLayout = BatchLayout(),
     ):
         _check_reader_args(batch_size, rank, world_size, seed, epochs)
         _check_padding_side(padding_side)
-        self.rows = dataset if isinstance(dataset, TokenisedRows) else TokenisedRows(dataset)
+        self.layout = layout
+        self.rows = dataset if isinstance(dataset, TokenisedRows) else TokenisedRows(dataset, layout.columns)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.epochs = seed, shuffle, drop_last, epochs
         self.padding_side, self.pad_id = padding_side, pad_id
@@ -177,8 +243,7 @@ class ShardedReader:
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
-        ids, labels = self.rows.take(rows)
-        return collate_rows(ids, labels, self.pad_id, self.padding_side)
+        return self.rows.batch(rows, self.layout, self.pad_id, self.padding_side)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -246,9 +311,11 @@ class EvalBatches:
     rank gets the same number of batches (ZeRO-3 ranks must run every forward together): a rank whose
     slice is empty gets one padding row, which ``row_weight`` (0) leaves out of every statistic."""
 
-    def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, pad_id: int = 0):
+    def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, pad_id: int = 0,
+                 layout: BatchLayout = BatchLayout()):
         _check_reader_args(batch_size, rank, world_size, 0, None)
-        self.rows = dataset if isinstance(dataset, TokenisedRows) else TokenisedRows(dataset)
+        self.layout = layout
+        self.rows = dataset if isinstance(dataset, TokenisedRows) else TokenisedRows(dataset, layout.columns)
         self.batch_size, self.rank, self.world_size, self.pad_id = batch_size, rank, world_size, pad_id
 
     def __len__(self) -> int:
@@ -259,9 +326,6 @@ class EvalBatches:
             raise IndexError(f"evaluation batch {index} of {len(self)}")
         start = index * self.batch_size * self.world_size + self.rank * self.batch_size
         rows = list(range(start, min(start + self.batch_size, len(self.rows))))
-        ids, labels = self.rows.take(rows or [0])
-        if not rows:
-            labels = [np.full_like(labels[0], IGNORE_INDEX)]
-        batch = collate_rows(ids, labels, self.pad_id)
-        batch["row_weight"] = torch.full((len(ids),), 1 if rows else 0, dtype=torch.long)
+        batch = self.rows.batch(rows or [0], self.layout, self.pad_id, ignore_labels=not rows)
+        batch["row_weight"] = torch.full((max(len(rows), 1),), 1 if rows else 0, dtype=torch.long)
         return batch

@@ -11,6 +11,14 @@ completion. Special tokens the tokenizer adds (a BOS) have no width and never ca
 - ``messages``: text = the chat template's rendering; one span per assistant turn, from the end of the
   rendering of the turns before it (with the generation prompt) to the end of the rendering through
   it (so the template's end-of-turn tokens carry loss); no EOS added (the template ends turns).
+
+Another model with a tokenizer of its own (an augmenting model) reads the same text: ``Retokenisation``
+encodes each row's text with that tokenizer (its own special tokens, e.g. its BOS; no EOS: no anchor token
+reads past the text), with every token's end offset in the text. Its tokens that reach further into the
+text than the anchor's last kept token are never readable by any anchor token and are left out (after an
+anchor truncation this is most of the row). Longer than its model's position limit, the row follows
+``overlong``: ``drop`` drops it, ``truncate`` keeps that model's first ``max_length`` tokens (anchor tokens
+past them then read only those).
 """
 from __future__ import annotations
 
@@ -27,6 +35,16 @@ Span = tuple[int, int]
 class TokenizeSettings:
     max_length: int
     overlong: str = "drop"  # drop | truncate
+
+
+@dataclass(frozen=True)
+class Retokenisation:
+    """Another tokenizer's encoding of every row's text, in columns ``<name>_input_ids`` and
+    ``<name>_end_offsets``; ``max_length``: the reading model's position limit (None: none known)."""
+
+    name: str
+    tokenizer: Any
+    max_length: int | None = None
 
 
 class RowError(ValueError):
@@ -87,10 +105,12 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -
 
 
 def encode_rows(rows: dict[str, list], row_format: RowFormat, tokenizer, settings: TokenizeSettings,
-                first_index: int = 0) -> dict[str, list]:
+                first_index: int = 0, others: Sequence[Retokenisation] = ()) -> dict[str, list]:
     """A ``datasets.map(batched=True)`` function: ``input_ids``, ``labels``, ``end_offsets`` (each token's
-    end in its row's text), ``text``, and ``status`` (``kept``, ``truncated``, ``overlong`` or
-    ``unlabelled``; the caller keeps ``kept`` and ``truncated`` rows)."""
+    end in its row's text), ``text``, and ``status`` (``kept``, ``truncated``, ``overlong``, ``unlabelled``
+    or, with ``others``, ``other_dropped``: too long for another model, or not one token of it; the caller
+    keeps ``kept`` and ``truncated`` rows). With ``others``: their columns, and ``others_truncated``
+    (whether any of them was cut at its limit)."""
     count = len(next(iter(rows.values())))
     texts, all_spans, eos_after = [], [], []
     for offset in range(count):
@@ -127,4 +147,37 @@ def encode_rows(rows: dict[str, list], row_format: RowFormat, tokenizer, setting
         out["labels"].append(labels)
         out["end_offsets"].append([end for _, end in offsets])
         out["status"].append(status)
+    if others:
+        _retokenise(out, others, settings)
     return out
+
+
+def _retokenise(out: dict[str, list], others: Sequence[Retokenisation], settings: TokenizeSettings) -> None:
+    """Adds each other tokenizer's columns to ``encode_rows``'s output (in place)."""
+    out["others_truncated"] = [False] * len(out["text"])
+    for other in others:
+        encoded = other.tokenizer(out["text"], add_special_tokens=True, return_offsets_mapping=True)
+        ids_column, ends_column = [], []
+        for row, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+            ends = [end for _, end in offsets]
+            anchor_end = max(out["end_offsets"][row], default=0)
+            kept, reach = 0, 0
+            for end in ends:  # a prefix: reach only grows
+                reach = max(reach, end)
+                if reach > anchor_end:
+                    break
+                kept += 1
+            ids, ends = list(ids[:kept]), ends[:kept]
+            if out["status"][row] in ("kept", "truncated"):
+                if not ids:
+                    out["status"][row] = "other_dropped"  # nothing of the text reaches this model
+                elif other.max_length is not None and len(ids) > other.max_length:
+                    if settings.overlong == "truncate":
+                        ids, ends = ids[:other.max_length], ends[:other.max_length]
+                        out["others_truncated"][row] = True
+                    else:
+                        out["status"][row] = "other_dropped"
+            ids_column.append(ids)
+            ends_column.append(ends)
+        out[f"{other.name}_input_ids"] = ids_column
+        out[f"{other.name}_end_offsets"] = ends_column

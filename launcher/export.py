@@ -51,6 +51,8 @@ class CheckpointComposition:
     connections: tuple[tuple[tuple[int, int], ...], ...]  # one tuple of pairs per augmenting model
     relative_scale: bool
     tokenizer: str | None  # the anchor's tokenizer directory, when the checkpoint names one
+    # per augmenting model reading its own tokenisation: its tokenizer's directory (None: the anchor's ids)
+    augment_tokenizers: tuple[str | None, ...] = ()
 
 
 def composition_from_meta(meta: dict) -> CheckpointComposition:
@@ -78,12 +80,22 @@ def composition_from_meta(meta: dict) -> CheckpointComposition:
     def ref(key: str) -> BaseModelRef:
         return BaseModelRef(str(bases[key]["path"]), bases[key].get("sha256"))
 
+    own = (meta.get("composition") or {}).get("own_tokenizer") or []
+    configured = (meta.get("config") or {}).get("augment") or []
+    if isinstance(configured, dict):
+        configured = [configured]
+
+    def own_tokenizer_dir(model: int) -> str:  # augment[i].model.tokenizer, else the model's own directory
+        source = (configured[model].get("model") or {}) if model < len(configured) else {}
+        return str(source.get("tokenizer") or bases[dir_key(model)]["path"])
+
     return CheckpointComposition(
         anchor=ref("anchor"),
         augments=tuple(ref(dir_key(model)) for model in range(len(per_model))),
         connections=tuple(tuple(pairs) for pairs in per_model),
         relative_scale=bool(relative_scale),
         tokenizer=meta.get("tokenizer"),
+        augment_tokenizers=tuple(own_tokenizer_dir(model) if flag else None for model, flag in enumerate(own)),
     )
 
 
@@ -105,6 +117,7 @@ def export(args) -> Path:
             Path(args.out), consolidated_composition(store, name), composition.anchor, composition.augments,
             composition.connections, relative_scale=composition.relative_scale, tokenizer=tokenizer,
             metadata={"step": meta["step"], "checkpoint": name, "run_config": meta.get("config")},
+            augment_tokenizers=list(composition.augment_tokenizers) or None,
         )
     except TokenizerNotFoundError as error:
         if args.tokenizer:

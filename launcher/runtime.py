@@ -38,7 +38,8 @@ def runtime_inputs(job: PreparedJob, checkpoints: str | None = None, identity: d
     augments = tuple(AugmentModelInputs(_absolute(path), augment_stages(config, index), stages_key(config, index))
                      for index, path in enumerate(job.models.augment_dirs))
     data = RuntimeData(_absolute(job.data.train),
-                       {name: _absolute(job.data.eval_dir(name)) for name in job.data.eval_names}, job.data.pad_id)
+                       {name: _absolute(job.data.eval_dir(name)) for name in job.data.eval_names}, job.data.pad_id,
+                       job.data.augment_columns, job.data.pad_ids)
     if checkpoints is not None and "://" not in checkpoints:
         checkpoints = _absolute(checkpoints)
     return RunInputs(config.train, config.eval, config.parallel, config.deepspeed, config.checkpoint, config.run.seed,

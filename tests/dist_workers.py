@@ -20,6 +20,29 @@ def composition_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
             "bridges": gathered_composition_state(result["model"])}
 
 
+def token_loss_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
+    """composition_run whose anchor ranks also return, for every evaluation batch in order, each real row's
+    per-token losses: ``[(k, loss of predicting token k), ...]`` per row."""
+    import torch.nn.functional as F
+
+    import calm_dist.model.composed as composed
+
+    original, records = composed.token_statistics, []
+
+    def recording(logits, labels, positions, row_weight=None):
+        statistics = original(logits, labels, positions, row_weight)
+        if row_weight is not None:  # an evaluation batch
+            losses = F.cross_entropy(logits.detach().float(), labels[:, 1:][positions[:, :-1]], reduction="none")
+            per_row: dict[int, list] = {}
+            for (row, position), loss in zip(positions.nonzero().tolist(), losses.tolist()):
+                per_row.setdefault(row, []).append((position + 1, loss))
+            records.append([per_row.get(row, []) for row in range(labels.shape[0]) if row_weight[row]])
+        return statistics
+
+    composed.token_statistics = recording
+    return {**composition_run(rank, world_size, inputs), "token_losses": records}
+
+
 def killed_while_checkpointing(rank: int, world_size: int, inputs: RunInputs, kill_step: int,
                                killed_anchor_rank: int | None = None) -> dict:
     """composition_run whose anchor rank (``killed_anchor_rank``, or every one) dies by SIGKILL in the middle

@@ -160,18 +160,108 @@ def hand_tokenised(name, text):
     return AugmentInput(ids, torch.ones_like(ids), torch.tensor([ends]))
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "recomputed"])
 @pytest.mark.parametrize("setup", sorted(SETUPS))
-def test_generate_text_equals_a_stepwise_full_forward_argmax(setup):
+def test_generate_text_equals_a_stepwise_full_forward_argmax(setup, use_cache):
     names = SETUPS[setup]
     model = composed(names)
     prompts = ["ab ba b", "b", "a ab"]
     tokenizers = [None if name is None else TOKENIZERS[name] for name in names]
-    result = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=6, eos_token_id=None)
+    result = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=6, eos_token_id=None,
+                           use_cache=use_cache)
     expected = [stepwise_reference(model, names, prompt, 6) for prompt in prompts]
     assert result.new_token_ids == expected
     assert len({tuple(ids) for ids in expected}) > 1  # the prompts steer the output
     for prompt, text, ids in zip(prompts, result.texts, result.new_token_ids):
         assert text == prompt + ANCHOR_TOKENIZER.decode(ids, skip_special_tokens=True)
+
+
+def word_tokenizer():
+    """Whole words of ``ALPHABET`` (runs of non-spaces, runs of spaces) as tokens: text appended to the last word
+    re-cuts the last token, as a BPE merging across the new text does."""
+    import itertools
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    for length in range(1, 9):
+        for word in itertools.product("ab", repeat=length):
+            vocab["".join(word)] = len(vocab)
+        vocab[" " * length] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S+|\s+"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def re_cut_model():
+    """Two augmenting models with their own tokenizers that re-cut their last token as text is appended."""
+    words = word_tokenizer()
+    anchor = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1, vocab=len(ANCHOR_TOKENIZER))
+    with torch.no_grad():
+        anchor.lm_head.weight[[PAD, BOS, EOS]] = 0
+    augments = [tiny_model("gpt2", hidden=32, layers=4, heads=4, seed=2, vocab=len(words)),
+                tiny_model("qwen2", hidden=32, layers=4, heads=4, seed=3, vocab=len(TOKENIZERS["chunks of 3"]))]
+    model = calm_dist.compose(anchor, augments, connections=[[(0, -1), (3, 2)], CONNECTIONS["chunks of 3"]],
+                              shared_tokenizer=False)
+    randomise_bridges(model)
+    return model, [words, TOKENIZERS["chunks of 3"]]
+
+
+def test_cached_generation_reruns_what_a_re_cut_changes_and_equals_a_full_forward_every_step():
+    from calm_dist.model.generation import AlignedCaches
+
+    model, tokenizers = re_cut_model()
+    row = ANCHOR_TOKENIZER("a ab  b")["input_ids"]
+    caches = AlignedCaches(model, ANCHOR_TOKENIZER, tokenizers)
+    appended = [ANCHOR_TOKENIZER.convert_tokens_to_ids(t) for t in ["b", "ab", " a", "bb", "b ", "a", "ba", " "]]
+    for token in appended:  # the words re-cut their last token at most steps; chunks of 3 their partial one
+        logits = caches.next_logits(row)
+        text, ends = decode_with_end_offsets(ANCHOR_TOKENIZER, row)  # generated rows need not be text's own cut
+        with torch.no_grad():
+            full = model(torch.tensor([row]), anchor_end_offsets=torch.tensor([ends]),
+                         augment_inputs=[token_end_offsets(tokenizer, [text]) for tokenizer in tokenizers]).logits
+        torch.testing.assert_close(logits, full[0, -1], atol=1e-5, rtol=1e-5)
+        row = row + [token]
+    steps = len(appended)
+    words_final = len(tokenizers[0](text)["input_ids"])
+    assert caches.work[0] > len(row) - 1  # some anchor positions read a re-cut word and ran again
+    assert words_final < caches.work[1] < words_final + steps + 1  # only the re-cut last word ran again
+    with pytest.raises(ValueError, match="with new tokens appended"):
+        caches.next_logits(row[:2])
+    with pytest.raises(ValueError, match="with new tokens appended"):
+        caches.next_logits([row[1]] + row)
+
+
+def test_a_token_that_adds_no_text_runs_no_augment_token_and_equals_a_full_forward():
+    from calm_dist.model.generation import AlignedCaches
+
+    model, tokenizers = re_cut_model()
+    row = ANCHOR_TOKENIZER("a ab")["input_ids"]
+    caches = AlignedCaches(model, ANCHOR_TOKENIZER, tokenizers)
+    caches.next_logits(row)
+    before = list(caches.work)
+    for token in (EOS, PAD):  # special tokens: decoding skips them, so no augmenting tokenisation changes
+        row = row + [token]
+        logits = caches.next_logits(row)
+        text, ends = decode_with_end_offsets(ANCHOR_TOKENIZER, row)
+        with torch.no_grad():
+            full = model(torch.tensor([row]), anchor_end_offsets=torch.tensor([ends]),
+                         augment_inputs=[token_end_offsets(tokenizer, [text]) for tokenizer in tokenizers]).logits
+        torch.testing.assert_close(logits, full[0, -1], atol=1e-5, rtol=1e-5)
+    assert caches.work[1:] == before[1:] and caches.work[0] == before[0] + 2  # only the two anchor tokens ran
+
+
+def test_cached_generate_text_equals_recomputed_generate_text_with_re_cuts():
+    model, tokenizers = re_cut_model()
+    prompts = ["ab ba b", "bab", "a ab  b"]
+    cached = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=8, eos_token_id=None)
+    full = generate_text(model, ANCHOR_TOKENIZER, tokenizers, prompts, max_new_tokens=8, eos_token_id=None,
+                         use_cache=False)
+    assert cached.new_token_ids == full.new_token_ids and cached.texts == full.texts
+    assert len({tuple(ids) for ids in full.new_token_ids}) > 1
+    assert all(cached_work < 0.5 * full_work for cached_work, full_work in zip(cached.work, full.work))
 
 
 def test_generate_text_stops_a_row_at_eos():
@@ -195,8 +285,16 @@ def test_misused_alignment_inputs_raise_clear_errors():
         model(anchor.input_ids, anchor.attention_mask, augment_inputs=own)
     with pytest.raises(ValueError, match="expected 2 entries"):
         model(anchor.input_ids, anchor.attention_mask, augment_inputs=own[:1], anchor_end_offsets=anchor.end_offsets)
-    with pytest.raises(ValueError, match="without caches"):
-        model.step(anchor.input_ids, anchor.attention_mask, caches=model.new_caches(), augment_inputs=own,
+    caches = model.new_caches()  # fresh caches: a cached step over everything is the full forward
+    with torch.no_grad():
+        stepped = model.step(anchor.input_ids, anchor.attention_mask, caches=caches, augment_inputs=own,
+                             anchor_end_offsets=anchor.end_offsets).logits
+        full = model(anchor.input_ids, anchor.attention_mask, augment_inputs=own,
+                     anchor_end_offsets=anchor.end_offsets).logits
+    torch.testing.assert_close(stepped, full)
+    caches.bridges[0].crop(-1)  # model 0's cache and its bridges' projected keys no longer agree
+    with pytest.raises(ValueError, match=r"augment_inputs\[0\] with caches: .*crop them to one prefix"):
+        model.step(anchor.input_ids[:, -1:], anchor.attention_mask, caches=caches, augment_inputs=own,
                    anchor_end_offsets=anchor.end_offsets)
     with pytest.raises(ValueError, match="one \\[batch, length\\] shape"):
         AugmentInput(own[0].input_ids, own[0].attention_mask[:, :1], own[0].end_offsets)

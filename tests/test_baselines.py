@@ -164,6 +164,12 @@ def test_run_summary_records_the_baselines(tiny_run):
     (characters,) = baselines["calm_different_tokenizer"]["augments"]
     assert characters["kind"] == "characters" and characters["vocab_size"] < 50
     assert 0.0 <= characters["kv_substitution_alone"] <= 100.0
+    # That row reads D_C as the generic job prepares it for a model with its own tokenizer: one cached dataset
+    # with its tokenisation beside the anchor's, every row of every split kept (the characters fit the model)
+    manifests = [json.loads(path.read_text()) for path in (tiny_run.parents[1] / "cache" / "data").glob("*/prepared.json")]
+    (own,) = [manifest for manifest in manifests if "aug0" in manifest.get("tokenisations", {})]
+    assert {"train", *TASKS} <= set(own["splits"])
+    assert all(split["dropped_augment"] == 0 and split["rows"] > 0 for split in own["splits"].values())
     (vanilla,) = baselines["calm_vanilla_augment"]["augments"]
     assert Path(vanilla["path"]).name.startswith("vanilla_augment-") and vanilla["trained_on"] == "anchor_train.jsonl"
     assert vanilla["path"] not in {info["path"] for info in summary["recipe"]["base_models"].values()}

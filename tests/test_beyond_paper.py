@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 
 from calm_dist.config import load_config
+import data_pipeline as dp
 from calm_dist.model.alignment import aligned_allowed
+from data_pipeline.formats import RowFormat
+from data_pipeline.tokenize import Retokenisation, TokenizeSettings, encode_rows
 from recipes.kv_arithmetic.augment_variants import key_halves
-from recipes.kv_arithmetic.cross_tokenizer import aligned_inputs
 from recipes.kv_arithmetic.settings import recipe_settings
 from recipes.kv_arithmetic.task_data import character_max_length
 from recipes.kv_arithmetic.tokenizer import build_tokenizer, character_tokenizer
@@ -38,15 +40,21 @@ def test_character_rows_fit_their_model():
 
 
 def test_anchor_words_read_only_characters_that_end_with_them():
+    """The different-tokenizer row's data, as the generic job tokenises it: each row once with the anchor's
+    word tokenizer and once with the character tokenizer, each token with its end offset in the row's text."""
     words = build_tokenizer({"qz": 1, "abc": 2}, value_max=5, max_operands=3)
     chars = character_tokenizer()
-    row = words("qz + abc = 3")["input_ids"] + [words.eos_token_id]
-    ids = torch.tensor([row + [words.pad_token_id]])
-    mask = torch.tensor([[1] * len(row) + [0]])
-    kwargs = aligned_inputs(words, chars, ids, mask)
-    augment = kwargs["augment_inputs"][0]
-    assert kwargs["anchor_end_offsets"].tolist() == [[0, 2, 4, 8, 10, 12, 12, 0]]
-    allowed = aligned_allowed(kwargs["anchor_end_offsets"], augment.end_offsets, augment.attention_mask, 0, len(row))
+    out = encode_rows({"prompt": ["qz + abc ="], "completion": [" 3"]}, RowFormat.PROMPT_COMPLETION, words,
+                      TokenizeSettings(16), others=[Retokenisation("aug0", chars, 16)])
+    assert out["status"] == ["kept"]
+    anchor_ends, char_ids = out["end_offsets"][0], out["aug0_input_ids"][0]
+    assert anchor_ends == [0, 2, 4, 8, 10, 12, 12]  # BOS, qz, +, abc, =, 3, EOS
+    assert chars.convert_ids_to_tokens(char_ids) == [chars.bos_token, *"qz+abc=3"]  # no EOS: nothing reads past
+    anchor = torch.tensor([anchor_ends])
+    allowed = aligned_allowed(anchor, torch.tensor([out["aug0_end_offsets"][0]]), torch.ones(1, len(char_ids)), 0,
+                              len(anchor_ends))
     readable = allowed[0, 0].sum(-1).tolist()
     # BOS reads the character model's BOS; "qz" also its two characters; "+" one more; "abc" three more; ...
     assert readable == [1, 3, 4, 7, 8, 9, 9]
+    layout = dp.anchor_layout(("aug0",), {"aug0": chars.pad_token_id})
+    assert {"end_offsets", "aug0_input_ids", "aug0_end_offsets"} <= set(layout.columns)

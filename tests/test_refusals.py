@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.user_project import UserProject, bpe_tokenizer, tiny_causal_lm, write_jsonl
+from tests.user_project import (UserProject, chunk_tokenizer, save_own_tokenizer_augment, tiny_causal_lm,
+                                write_jsonl)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "refusals.md"
 EARLIER_METRICS = '{"step": 1, "loss": 1.0}\n'
@@ -45,12 +46,15 @@ def _fixtures(project: UserProject, root: Path) -> dict[str, Path]:
         if file.name.startswith(("config", "model", "generation")):
             shutil.copy(file, no_tokenizer / file.name)
     made["no_tokenizer"] = no_tokenizer
-    other = bpe_tokenizer(vocab_size=len(project.tokenizer) - 20)
-    other.add_tokens([f"<extra_{i}>" for i in range(len(project.tokenizer) - len(other))])
-    other_model = root / "other_tokenizer"
-    tiny_causal_lm("llama", len(other), 32, 4, 4, seed=3, eos_id=other.eos_token_id).save_pretrained(other_model)
-    other.save_pretrained(other_model)
-    made["other_tokenizer"] = other_model
+    from transformers import ByT5Tokenizer
+
+    made["slow_tokenizer"] = root / "slow_tokenizer"  # a Python tokenizer: no offsets
+    ByT5Tokenizer().save_pretrained(made["slow_tokenizer"])
+    own_small = root / "own_small_embedding"  # its own tokenizer (chunks of 2 characters), an embedding of 64 rows
+    tiny_causal_lm("llama", 64, 32, 4, 4, seed=3, eos_id=2).save_pretrained(own_small)
+    chunk_tokenizer(2, False).save_pretrained(own_small)
+    made["own_small_embedding"] = own_small
+    made["own_two_positions"] = save_own_tokenizer_augment(project, 2, False, max_positions=2)
     small = root / "small_embedding"
     tiny_causal_lm("llama", 64, 32, 4, 4, seed=3, eos_id=0).save_pretrained(small)
     project.tokenizer.save_pretrained(small)
@@ -135,9 +139,16 @@ def cases(project: UserProject, made: dict[str, Path], root: Path) -> list[Case]
         Case("too-many-stages", "models", "more pipeline stages than the layers the bridges need",
              r"parallel.augment_stages=5 must be between 1 and the \d augment layers", ("parallel.augment_stages=5",)),
         # tokenizers
-        Case("other-tokenizer", "tokenizers", "an augmenting model with another tokenizer of the same size",
-             r"config key 'augment\[0\].model.path': the augmenting model's tokenizer is not the anchor's",
-             (f"augment.model.path={p['other_tokenizer']}",)),
+        Case("slow-tokenizer", "tokenizers", "a tokenizer without offsets (not a fast one)",
+             r"config key 'augment\[0\].model.tokenizer': the tokenizer at .* is not a fast tokenizer; the data "
+             r"pipeline needs token offsets", (f"augment.model.tokenizer={p['slow_tokenizer']}",)),
+        Case("own-tokenizer-embedding", "tokenizers", "a model with a tokenizer of its own bigger than its embedding",
+             r"config key 'augment\[0\].model.path': the tokenizer has 1125 tokens but the model's embedding has only "
+             r"64 rows: it was not trained with this tokenizer", (f"augment.model.path={p['own_small_embedding']}",)),
+        Case("own-tokenizer-positions", "tokenizers",
+             "every row longer, in an augmenting model's own tokens, than that model's positions",
+             r"config key 'data.train'.*no row.*longer than an augmenting model's positions",
+             (f"augment={{model: {{path: {p['own_two_positions']}}}, connections: [[1, 0], [2, 2]]}}",)),
         Case("small-embedding", "tokenizers", "a model whose embedding is smaller than the tokenizer",
              r"config key 'augment\[0\].model.path': the tokenizer has \d+ tokens but the model's embedding has only 64",
              (f"augment.model.path={p['small_embedding']}",)),
@@ -249,9 +260,10 @@ def _case_names():
 
 
 def _placeholder_fixtures() -> dict[str, Path]:
-    return {key: Path(f"/placeholder/{key}") for key in ("empty_dir", "weightless", "no_tokenizer", "other_tokenizer",
-                                                         "small_embedding", "no_template", "bad_columns", "not_string",
-                                                         "long_rows", "few_rows", "text_file", "retrained_augment")}
+    return {key: Path(f"/placeholder/{key}") for key in ("empty_dir", "weightless", "no_tokenizer", "slow_tokenizer",
+                                                         "own_small_embedding", "own_two_positions", "small_embedding",
+                                                         "no_template", "bad_columns", "not_string", "long_rows",
+                                                         "few_rows", "text_file", "retrained_augment")}
 
 
 @pytest.mark.parametrize("name", _case_names())

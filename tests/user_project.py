@@ -181,3 +181,45 @@ def single_process_run(job):
     losses = [r.loss for r in reports if not isinstance(r, EvalReport)]
     evaluations = {(r.step, r.name): r for r in reports if isinstance(r, EvalReport)}
     return losses, evaluations, model.composition_state_dict()
+
+
+OWN_ALPHABET = "abcdefghijklmnopqrstuvwxyz =>\n<|_"
+
+
+def chunk_tokenizer(width: int, bos: bool) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer of its own for an augmenting model: it cuts a text, left to right, into chunks of ``width``
+    characters (the last may be shorter; spaces and newlines included), so between it and the project's BPE
+    tokens straddle each other's boundaries. Characters outside ``OWN_ALPHABET`` are ``<unk>``. With ``bos``
+    it starts every text with its BOS (a zero-width token); it adds no EOS and has no pad token."""
+    import itertools
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for length in range(1, width + 1):
+        for chunk in itertools.product(OWN_ALPHABET, repeat=length):
+            vocab["".join(chunk)] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"(?:.|\\n){{1,{width}}}"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def save_own_tokenizer_augment(project: UserProject, width: int, bos: bool, *, arch: str = "llama",
+                               max_positions: int = 256, seed: int = 7) -> Path:
+    """An augmenting model with a tokenizer of its own (``chunk_tokenizer(width, bos)``), saved with it."""
+    directory = project.root / "models" / f"own_chunks{width}{'_bos' if bos else ''}_{arch}_{max_positions}"
+    if not (directory / "config.json").is_file():
+        tokenizer = chunk_tokenizer(width, bos)
+        model = tiny_causal_lm(arch, len(tokenizer), hidden=24, layers=3, heads=2, seed=seed,
+                               eos_id=tokenizer.eos_token_id)
+        if arch == "llama":
+            model.config.max_position_embeddings = max_positions
+        else:
+            model.config.n_positions = max_positions  # gpt2: only what the position table covers
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory

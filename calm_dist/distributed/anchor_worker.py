@@ -12,6 +12,7 @@ import torch.distributed as dist
 import data_pipeline as dp
 from calm_dist.distributed.groups import Groups
 from calm_dist.distributed.transport import ActivationReceiver, sequence_of, tag_of
+from calm_dist.model.alignment import batch_alignment
 from calm_dist.reports import CheckpointReport, EvalReport, EvalTotals, StepReport
 
 Report = Callable[[StepReport | EvalReport | CheckpointReport], None]
@@ -39,18 +40,25 @@ class AnchorWorker:
     driver that dies before logging them loses nothing)."""
 
     def __init__(self, engine, groups: Groups, source, receiver: ActivationReceiver, augment_hiddens: Sequence[int],
-                 after_step: Callable[[int, dict, list[dict]], "CheckpointWrite | None"] | None = None):
-        """``source``: a ``BatchSource``; ``augment_hiddens``: each augmenting model's hidden size, in model order."""
+                 after_step: Callable[[int, dict, list[dict]], "CheckpointWrite | None"] | None = None,
+                 augment_columns: Sequence[str | None] = ()):
+        """``source``: a ``BatchSource``; ``augment_hiddens``: each augmenting model's hidden size, in model order;
+        ``augment_columns``: per model, the batch's tokenisation it reads (None or empty: the anchor's tokens).
+        A model with its own tokenisation sends states as long as that tokenisation (padded per micro-batch);
+        the cross-attention mask comes from the offsets read beside the micro-batch."""
         self.engine, self.groups, self.source, self.receiver = engine, groups, source, receiver
         self.augment_hiddens, self.after_step = list(augment_hiddens), after_step
+        self.augment_columns = tuple(augment_columns) or (None,) * len(self.augment_hiddens)
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.world = groups.topology.anchor_ranks
 
     def _post(self, unit_index: int, batch: dict) -> None:
         topology = self.groups.topology
         sequence = sequence_of(unit_index, self.groups.role.index, self.world)
-        for pipeline, hidden in zip(topology.pipelines, self.augment_hiddens, strict=True):
-            shape = (*batch["input_ids"].shape, hidden)
+        for pipeline, hidden, column in zip(topology.pipelines, self.augment_hiddens, self.augment_columns,
+                                            strict=True):
+            ids = batch["input_ids"] if column is None else batch[f"{column}_input_ids"]
+            shape = (*ids.shape, hidden)
             for slot, layer in pipeline.wire_slots:
                 source = pipeline.stage_rank(pipeline.stage_of_layer(layer))
                 self.receiver.post((unit_index, slot), shape, source, tag_of(sequence, slot))
@@ -66,7 +74,8 @@ class AnchorWorker:
         weight = batch.get("row_weight")
         return self.engine(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                            labels=batch["labels"].to(device), augment_states=states, logits_for="labels",
-                           row_weight=None if weight is None else weight.to(device)).statistics
+                           row_weight=None if weight is None else weight.to(device),
+                           **batch_alignment(batch, self.augment_columns, device)).statistics
 
     def _train_step(self, batch: dict, states: list[torch.Tensor]) -> tuple[float, int]:
         """One optimizer step. Each rank's loss is its summed token loss over the *global* token count,

@@ -54,9 +54,11 @@ def stage_records(groups: Groups) -> set[int]:
 
 
 def run_stage(stage: AugmentStage, groups: Groups, sources, units, sender: ActivationSender,
-              hidden_sender: ActivationSender, receiver: ActivationReceiver) -> None:
+              hidden_sender: ActivationSender, receiver: ActivationReceiver, column: str | None = None) -> None:
     """For every unit and every anchor rank's micro-batch of it (``sources``: one ``BatchSource`` per anchor
-    rank): receive, compute, send taps and hidden state."""
+    rank): receive, compute, send taps and hidden state. ``column``: the model's own tokenisation of the rows
+    (``<column>_input_ids`` / ``_attention_mask``), None = the anchor's tokens."""
+    prefix = "" if column is None else f"{column}_"
     topology, index = groups.topology, groups.role.index
     pipeline = topology.pipeline_of(groups.role)
     taps = pipeline.taps_of_stage(index)
@@ -65,8 +67,8 @@ def run_stage(stage: AugmentStage, groups: Groups, sources, units, sender: Activ
     for unit_index, unit in enumerate(units):
         for anchor_index, source in enumerate(sources):
             batch, _ = source.batch(unit)
-            ids = batch["input_ids"].to(groups.device)
-            mask = batch["attention_mask"].to(groups.device)
+            ids = batch[f"{prefix}input_ids"].to(groups.device)
+            mask = batch[f"{prefix}attention_mask"].to(groups.device)
             sequence = sequence_of(unit_index, anchor_index, topology.anchor_ranks)
             inject = None
             if index > 0:

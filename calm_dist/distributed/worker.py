@@ -20,11 +20,24 @@ from calm_dist.model.layers import ModelShape, saved_model_facts
 
 @dataclass(frozen=True)
 class RuntimeData:
-    """The tokenised datasets every role reads (paths every node sees)."""
+    """The tokenised datasets every role reads (paths every node sees). An augmenting model with a tokenizer of
+    its own reads its tokenisation of the same rows (``augment_columns``: per model its name, None = the
+    anchor's tokens); the anchor ranks read every such tokenisation's offsets beside their own."""
 
     train: str
     evals: dict[str, str]  # evaluation set name -> tokenised directory, in evaluation order
     pad_id: int
+    augment_columns: tuple[str | None, ...] = ()
+    pad_ids: dict[str, int] = field(default_factory=dict)  # each augmenting tokenisation's pad id, by name
+
+    def augment_column(self, model: int) -> str | None:
+        return self.augment_columns[model] if self.augment_columns else None
+
+    def anchor_layout(self) -> dp.BatchLayout:
+        return dp.anchor_layout(self.augment_columns, self.pad_ids)
+
+    def augment_layout(self, model: int) -> dp.BatchLayout:
+        return dp.augment_layout(self.augment_column(model), self.pad_ids)
 
 
 @dataclass(frozen=True)
@@ -79,18 +92,22 @@ def micro_batch_size(inputs: RunInputs) -> int:
     return inputs.train.batch_size // inputs.parallel.anchor_ranks
 
 
-def train_reader(inputs: RunInputs, anchor_index: int) -> dp.ShardedReader:
-    """The training micro-batches of one anchor rank, at the resume position if there is one."""
+def train_reader(inputs: RunInputs, anchor_index: int, layout: dp.BatchLayout | None = None) -> dp.ShardedReader:
+    """The training micro-batches of one anchor rank, at the resume position if there is one; ``layout``: the
+    tokenisations they carry (default: the anchor's, with what its cross-attention masks need)."""
     reader = dp.ShardedReader(inputs.data.train, micro_batch_size(inputs), rank=anchor_index,
-                              world_size=inputs.parallel.anchor_ranks, seed=inputs.seed, pad_id=inputs.data.pad_id)
+                              world_size=inputs.parallel.anchor_ranks, seed=inputs.seed, pad_id=inputs.data.pad_id,
+                              layout=layout or inputs.data.anchor_layout())
     if inputs.resume is not None:
         reader.load_state_dict(inputs.resume.reader)
     return reader
 
 
-def eval_batches(inputs: RunInputs, anchor_index: int) -> dict[str, dp.EvalBatches]:
+def eval_batches(inputs: RunInputs, anchor_index: int, layout: dp.BatchLayout | None = None
+                 ) -> dict[str, dp.EvalBatches]:
     return {name: dp.EvalBatches(path, inputs.eval.batch_size, rank=anchor_index,
-                                 world_size=inputs.parallel.anchor_ranks, pad_id=inputs.data.pad_id)
+                                 world_size=inputs.parallel.anchor_ranks, pad_id=inputs.data.pad_id,
+                                 layout=layout or inputs.data.anchor_layout())
             for name, path in inputs.data.evals.items()}
 
 
@@ -100,11 +117,13 @@ def run_units(inputs: RunInputs, evaluations: dict[str, dp.EvalBatches]):
 
 
 class BatchSource:
-    """The batch of each unit for one anchor rank: the next training micro-batch, or an evaluation batch."""
+    """The batch of each unit for one anchor rank: the next training micro-batch, or an evaluation batch. Every
+    role reads the same rows in the same order; ``layout`` says which tokenisations of them (an augment stage
+    with its own tokenizer reads only its own)."""
 
-    def __init__(self, inputs: RunInputs, anchor_index: int):
-        self.reader = train_reader(inputs, anchor_index)
-        self.evaluations = eval_batches(inputs, anchor_index)
+    def __init__(self, inputs: RunInputs, anchor_index: int, layout: dp.BatchLayout | None = None):
+        self.reader = train_reader(inputs, anchor_index, layout)
+        self.evaluations = eval_batches(inputs, anchor_index, layout)
 
     def batch(self, unit: dp.Unit) -> tuple[dict, dict | None]:
         """(batch, the reader's position after it for a training unit, else None)."""
@@ -146,11 +165,13 @@ def run_augment_role(inputs: RunInputs, groups: Groups) -> dict:
     parallel, role = inputs.parallel, groups.role
     augment = AutoModelForCausalLM.from_pretrained(inputs.augments[role.model].path).to(groups.device)
     stage = AugmentStage(augment, groups.topology.pipeline_of(role).stage_layers[role.index], stage_records(groups))
-    sources = [BatchSource(inputs, index) for index in range(groups.topology.anchor_ranks)]
+    layout = inputs.data.augment_layout(role.model)
+    sources = [BatchSource(inputs, index, layout) for index in range(groups.topology.anchor_ranks)]
     sender = ActivationSender(groups.transport, wire_dtype(parallel.wire_dtype), parallel.pipeline_depth)
     hidden_sender = ActivationSender(groups.transport, stage.dtype, parallel.pipeline_depth)
     receiver = ActivationReceiver(groups.transport, stage.dtype, groups.device)
-    run_stage(stage, groups, sources, run_units(inputs, sources[0].evaluations), sender, hidden_sender, receiver)
+    run_stage(stage, groups, sources, run_units(inputs, sources[0].evaluations), sender, hidden_sender, receiver,
+              inputs.data.augment_column(role.model))
     return {"role": groups.role.name, "bytes_sent": sender.counters.bytes_sent}
 
 
@@ -172,8 +193,9 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
         load_checkpoint(engine, resume, groups.role.index)
     receiver = ActivationReceiver(groups.transport, wire_dtype(inputs.parallel.wire_dtype), groups.device)
     source = BatchSource(inputs, groups.role.index)
+    columns = tuple(inputs.data.augment_column(index) for index in range(len(inputs.augments)))
     worker = AnchorWorker(engine, groups, source, receiver, [shape.hidden_size for shape in augment_shapes],
-                          _checkpointer(inputs, engine, model))
+                          _checkpointer(inputs, engine, model), columns)
     losses = worker.run(run_units(inputs, source.evaluations), on_report)
     return {"role": groups.role.name, "losses": losses, "engine": engine, "optimizer": optimizer, "model": model}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -39,16 +39,47 @@ class AugmentInput:
 
 
 def token_end_offsets(tokenizer, texts: Sequence[str]) -> AugmentInput:
-    """Tokenise ``texts`` (special tokens included, padded to the longest) with the end offset of
-    every token, from a Hugging Face fast tokenizer's offset mapping. Padding gets offset 0."""
+    """Tokenise ``texts`` (special tokens included, padded to the longest on the tokenizer's padding side, with
+    its pad token, else EOS, else 0: a tokenizer need not have a pad token) with the end offset of every
+    token, from a Hugging Face fast tokenizer's offset mapping. Padding gets offset 0."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is not a fast tokenizer: end offsets need return_offsets_mapping"
         )
-    encoded = tokenizer(list(texts), padding=True, return_offsets_mapping=True, return_tensors="pt")
-    mask = encoded["attention_mask"]
-    ends = encoded["offset_mapping"][..., 1].masked_fill(mask == 0, 0)
-    return AugmentInput(encoded["input_ids"], mask, ends)
+    encoded = tokenizer(list(texts), return_offsets_mapping=True)
+    width = max(len(ids) for ids in encoded["input_ids"])
+    pad = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None), 0)
+    ids = torch.full((len(texts), width), pad, dtype=torch.long)  # padding is masked: any id works
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    ends = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, (row_ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+        span = slice(width - len(row_ids), width) if tokenizer.padding_side == "left" else slice(0, len(row_ids))
+        ids[row, span] = torch.tensor(row_ids, dtype=torch.long)
+        mask[row, span] = 1
+        ends[row, span] = torch.tensor([end for _, end in offsets], dtype=torch.long)
+    return AugmentInput(ids, mask, ends)
+
+
+def batch_alignment(batch: Mapping[str, torch.Tensor], columns: Sequence[str | None], device=None) -> dict:
+    """``CALMModel.forward``'s ``augment_inputs`` and ``anchor_end_offsets`` for a batch of pre-tokenised rows
+    (as ``data_pipeline``'s readers write them): the anchor tokens' ``end_offsets`` and, per augmenting model
+    with its own tokenizer, ``<column>_input_ids``, ``<column>_attention_mask``, ``<column>_end_offsets``.
+    ``columns``: per augmenting model, its tokenisation's name, None = it reads the anchor's ids. Empty when
+    every model reads the anchor's ids."""
+    if all(column is None for column in columns):
+        return {}
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in batch:
+            raise ValueError(f"the batch has no {key!r}: read it with a layout that carries every augmenting "
+                             "tokenisation (data_pipeline.anchor_layout)")
+        return batch[key] if device is None else batch[key].to(device)
+
+    inputs = [None if column is None else AugmentInput(tensor(f"{column}_input_ids"),
+                                                       tensor(f"{column}_attention_mask"),
+                                                       tensor(f"{column}_end_offsets"))
+              for column in columns]
+    return {"augment_inputs": inputs, "anchor_end_offsets": tensor("end_offsets")}
 
 
 def reach(end_offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,11 +111,18 @@ def decode_with_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, l
     first k + 1 tokens stops agreeing with that text, so a token that completes nothing on its own
     (the first bytes of a multi-byte character, a special token) ends where the one before it did.
     """
-    text = _decode(tokenizer, token_ids)
-    ends = [len(os.path.commonprefix([_decode(tokenizer, token_ids[:count]), text]))
-            for count in range(1, len(token_ids) + 1)]
-    return text, ends
+    text = decode_text(tokenizer, token_ids)
+    prefixes = [decode_text(tokenizer, token_ids[:count]) for count in range(1, len(token_ids) + 1)]
+    return text, ends_in_text(prefixes, text)
 
 
-def _decode(tokenizer, token_ids: Sequence[int]) -> str:
+def ends_in_text(prefix_texts: Sequence[str], text: str) -> list[int]:
+    """Token k's end offset in ``text`` from the decoding of the first k + 1 tokens: where it stops agreeing
+    with ``text`` (``decode_with_end_offsets``; callers that grow a text keep the prefixes' decodings)."""
+    return [len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
+            for prefix in prefix_texts]
+
+
+def decode_text(tokenizer, token_ids: Sequence[int]) -> str:
+    """The text of ``token_ids`` as alignment reads it: special tokens skipped, spaces not cleaned up."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -129,10 +129,21 @@ class CALMModel(nn.Module):
         for index, (own, cache) in enumerate(zip(augment_inputs, caches)):
             if own is None:
                 states += self._tapped_states(index, input_ids, attention_mask, position_ids, cache)
-            else:
-                own_positions = position_ids_from_mask(own.attention_mask)
-                states += self._tapped_states(index, own.input_ids, own.attention_mask, own_positions, cache)
+            else:  # its own tokens: those past what its cache holds are new
+                cached = 0 if cache is None else cache.get_seq_length()
+                new_ids = own.input_ids[:, cached:]
+                if new_ids.shape[-1] == 0:  # the text grew by nothing this tokenizer sees (e.g. a special token)
+                    states += self._no_new_states(index, new_ids)
+                    continue
+                own_positions = position_ids_from_mask(own.attention_mask)[:, cached:]
+                states += self._tapped_states(index, new_ids, own.attention_mask, own_positions, cache)
         return states
+
+    def _no_new_states(self, index, new_ids) -> list[torch.Tensor]:
+        """Empty taps ``[B, 0, D_A]`` for a model with no new tokens: its bridges' projected keys stay as cached."""
+        weight = next(self.augments[index].parameters())
+        empty = weight.new_zeros((new_ids.shape[0], 0, self.augment_shapes[index].hidden_size))
+        return [empty for _ in self.tapped_layers_of(index)]
 
     def _tapped_states(self, index, input_ids, attention_mask, position_ids, cache) -> list[torch.Tensor]:
         tapped = self.tapped_layers_of(index)
@@ -157,8 +168,7 @@ class CALMModel(nn.Module):
         if all(own is None for own in augment_inputs):
             return list(augment_inputs)
         if caches is not None:
-            raise ValueError("augment_inputs need a full forward without caches: re-tokenising a longer text "
-                             "can change earlier augment tokens")
+            self._check_own_caches(augment_inputs, caches)
         if anchor_end_offsets is None or tuple(anchor_end_offsets.shape) != tuple(attention_mask.shape):
             raise ValueError("augment_inputs need anchor_end_offsets, shaped like the anchor's attention_mask "
                              f"{tuple(attention_mask.shape)}")
@@ -168,6 +178,25 @@ class CALMModel(nn.Module):
                 raise ValueError(f"augment_inputs[{index}] has batch size {own.input_ids.shape[0]}, "
                                  f"the anchor's is {batch}")
         return [None if own is None else own.to(attention_mask.device) for own in augment_inputs]
+
+    def _check_own_caches(self, augment_inputs, caches: CALMCache) -> None:
+        """With caches, a model reading its own tokens holds the first P of them in its cache and its bridges'
+        projected keys/values (the caller crops all of them to the prefix its new tokenisation kept)."""
+        if self.augments[0] is None:
+            return  # the states come from elsewhere
+        augment_caches = caches.augments or [None] * len(augment_inputs)
+        bridge_caches = caches.bridges or [None] * len(self.bridges)
+        for index, own in enumerate(augment_inputs):
+            if own is None:
+                continue
+            cached = None if augment_caches[index] is None else augment_caches[index].get_seq_length()
+            held = {bridge_cache.length if bridge_cache is not None else None
+                    for bridge_cache, source in zip(bridge_caches, self.bridge_sources) if source == index}
+            if cached is None or held != {cached} or cached > own.input_ids.shape[-1]:
+                raise ValueError(f"augment_inputs[{index}] with caches: its model's cache holds {cached} positions and "
+                                 f"its bridges' projected keys {sorted(held, key=str)}, of its "
+                                 f"{own.input_ids.shape[-1]} tokens; give every cache and crop them to one prefix of "
+                                 "its tokenisation")
 
     def _cross_masks(self, attention_mask, past_len, query_len, augment_inputs, anchor_end_offsets, device):
         """One mask per augmenting model; models reading the anchor's ids share the index-based one
@@ -195,10 +224,15 @@ class CALMModel(nn.Module):
         augmenting model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
         ``augment_inputs`` (one per augmenting model, None = reads the anchor's ids) gives models
         with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
-        ``anchor_end_offsets`` ``[B, T]`` (see ``alignment.py``), and the forward must be a full one.
+        ``anchor_end_offsets`` ``[B, T]`` over all T tokens so far (see ``alignment.py``). With ``caches``
+        such a model's inputs are its whole tokenisation so far: its cache and its bridges' projected
+        keys/values hold the first P tokens of it and the tokens from P on run (``generate_text`` crops them
+        to the prefix a re-tokenisation kept).
         """
         if attention_mask is None and augment_inputs is not None and any(own is not None for own in augment_inputs):
-            attention_mask = torch.ones_like(input_ids)
+            # the offset alignment reads a mask over every anchor token so far, the cached ones included
+            past = caches.get_seq_length() if caches is not None else 0
+            attention_mask = input_ids.new_ones((input_ids.shape[0], past + input_ids.shape[-1]))
         if attention_mask is None:
             past_len = caches.get_seq_length() if caches is not None else 0
             position_ids = torch.arange(past_len, past_len + input_ids.shape[-1], device=input_ids.device)
@@ -275,20 +309,27 @@ class CompositionSpec:
     connections: tuple[tuple[tuple[int, int], ...], ...]
     relative_scale: bool = False
     seed: int = 0
+    # per augmenting model: whether it reads its own tokenizer's tokens (aligned by character offsets);
+    # empty = every model reads the anchor's ids
+    own_tokenizer: tuple[bool, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"connections": [[list(pair) for pair in pairs] for pairs in self.connections],
+        data = {"connections": [[list(pair) for pair in pairs] for pairs in self.connections],
                 "relative_scale": self.relative_scale, "seed": self.seed}
+        if any(self.own_tokenizer):  # absent when all share the anchor's: earlier records stay equal
+            data["own_tokenizer"] = list(self.own_tokenizer)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompositionSpec":
         return cls(tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in data["connections"]),
-                   bool(data["relative_scale"]), int(data["seed"]))
+                   bool(data["relative_scale"]), int(data["seed"]),
+                   tuple(bool(own) for own in data.get("own_tokenizer", ())))
 
     def build(self, anchor: nn.Module, augments: Sequence[nn.Module] | None,
               augment_shapes: Sequence[ModelShape]) -> "CALMModel":
         return build_calm(anchor, augments, augment_shapes, self.connections, relative_scale=self.relative_scale,
-                          seed=self.seed)
+                          seed=self.seed, own_tokenizer=self.own_tokenizer or None)
 
 
 def build_calm(anchor: nn.Module, augments: Sequence[nn.Module] | None, augment_shapes: Sequence[ModelShape],

@@ -22,11 +22,13 @@ class TokenizerNotFoundError(FileNotFoundError):
 
 
 def write_export_files(directory: Path, config, composition_state: Mapping[str, torch.Tensor], generation_config,
-                       tokenizer=None) -> None:
+                       tokenizer=None, augment_tokenizers=()) -> None:
     """Writes an export's files into ``directory`` (created if needed): the bridges as fp32 safetensors,
     ``config.json`` (a ``CALMConfig``), ``generation_config.json`` and, when given, the anchor's tokenizer
     (a tokenizer object, or the directory it was saved to: its files are copied as they are), set up for
-    batched generation: padding on the left and, if it has no pad token, its EOS token as pad."""
+    batched generation: padding on the left and, if it has no pad token, its EOS token as pad.
+    ``augment_tokenizers``: per augmenting model whose config entry names a ``tokenizer`` directory, its own
+    tokenizer (object or directory), written there."""
     from safetensors.torch import save_file
 
     expected = sum(len(entry["connections"]) for entry in config.augments)
@@ -37,6 +39,12 @@ def write_export_files(directory: Path, config, composition_state: Mapping[str, 
                          f"{sorted(composition_state)[:4]}…")
     directory.mkdir(parents=True, exist_ok=True)
     loaded = write_tokenizer(tokenizer, directory, config.vocab_size) if tokenizer is not None else None
+    own = [(entry["tokenizer"], index) for index, entry in enumerate(config.augments) if entry.get("tokenizer")]
+    given = list(augment_tokenizers) or [None] * len(config.augments)
+    for name, index in own:
+        if given[index] is None:
+            raise ValueError(f"augmenting model {index} reads its own tokenizer: give it (augment_tokenizers[{index}])")
+        write_tokenizer(given[index], directory / name, None, f"augmenting model {index}'s", pad_left=False)
     weights = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in composition_state.items()}
     save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     config.save_pretrained(directory)
@@ -45,24 +53,28 @@ def write_export_files(directory: Path, config, composition_state: Mapping[str, 
     generation_config.save_pretrained(directory)
 
 
-def write_tokenizer(tokenizer, directory: Path, vocab_size: int | None):
-    """Writes the tokenizer into ``directory`` for generation and returns it as ``AutoTokenizer`` loads it
-    from there; TokenizerNotFoundError (a FileNotFoundError) when ``tokenizer`` is a directory without
-    one, ValueError when it has more tokens than the anchor's vocabulary (then it is not the anchor's)."""
+def write_tokenizer(tokenizer, directory: Path, vocab_size: int | None, whose: str = "the anchor's",
+                    pad_left: bool = True):
+    """Writes the tokenizer into ``directory`` for generation (``pad_left``: padding on the left, EOS as pad
+    when it has none) and returns it as ``AutoTokenizer`` loads it from there; TokenizerNotFoundError (a
+    FileNotFoundError) when ``tokenizer`` is a directory without one, ValueError when it has more tokens than
+    the anchor's vocabulary (then it is not the anchor's)."""
     from transformers import AutoTokenizer
 
+    directory.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, (str, os.PathLike)):
         files = [path for path in Path(tokenizer).iterdir() if _TOKENIZER_FILE.fullmatch(path.name)] \
             if Path(tokenizer).is_dir() else []
         if not any(path.name in ("tokenizer.json", "tokenizer_config.json") for path in files):
             raise TokenizerNotFoundError(f"tokenizer: {str(tokenizer)!r} holds no Hugging Face tokenizer (no "
-                                    "tokenizer.json or tokenizer_config.json); give the directory the anchor's "
+                                    f"tokenizer.json or tokenizer_config.json); give the directory {whose} "
                                     "tokenizer was saved to")
         for path in files:
             (shutil.copytree if path.is_dir() else shutil.copy2)(path, directory / path.name)
     else:
         tokenizer.save_pretrained(directory)
-    _pad_left_with_eos(directory / "tokenizer_config.json")
+    if pad_left:
+        _pad_left_with_eos(directory / "tokenizer_config.json")
     loaded = AutoTokenizer.from_pretrained(directory)
     if vocab_size is not None and len(loaded) > vocab_size:
         raise ValueError(f"tokenizer: it has {len(loaded)} tokens, the anchor's vocabulary {vocab_size}: it is not "

@@ -9,6 +9,12 @@ files. The base models are loaded from where the config says, or from the paths 
 ``CALMForCausalLM`` wraps the ``CALMModel`` (``model.calm``): its forward is ``CALMModel.step`` and
 its cache a ``CALMCache`` holding both models' KV caches and every bridge's projected keys/values, so
 each generation step runs the new token only.
+
+An augmenting model with a tokenizer of its own (composed with ``shared_tokenizer=False``) reads its own
+tokenisation of the text, not the anchor's ids: the export keeps that tokenizer in ``augment<i>/`` (its
+``config.json`` entry says ``"tokenizer": "augment<i>"``), and such a composition generates text with
+``generate_text(prompts)`` (re-tokenising the growing text for that model each step); token-id ``generate``
+and ``forward`` refuse it.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class ExportSpec:
     augments: tuple[BaseModelRef, ...]
     connections: tuple[tuple[tuple[int, int], ...], ...]
     relative_scale: bool = False
+    own_tokenizer: tuple[bool, ...] = ()  # per augmenting model: reads its own tokenizer's tokens (empty: none)
 
     def __post_init__(self):
         if not self.augments or len(self.augments) != len(self.connections):
@@ -59,6 +66,14 @@ class ExportSpec:
         empty = [index for index, pairs in enumerate(self.connections) if not pairs]
         if empty:
             raise ValueError(f"augmenting models {empty} have no connections")
+        if self.own_tokenizer and len(self.own_tokenizer) != len(self.augments):
+            raise ValueError(f"own_tokenizer: one flag per augmenting model ({len(self.augments)}), "
+                             f"got {len(self.own_tokenizer)}")
+
+
+def augment_tokenizer_dir(index: int) -> str:
+    """Where an export keeps augmenting model ``index``'s own tokenizer, relative to the export directory."""
+    return f"augment{index}"
 
 
 class CALMConfig(PretrainedConfig):
@@ -88,8 +103,10 @@ class CALMConfig(PretrainedConfig):
                                                                "pad_token_id")}
         return cls(
             anchor={"path": spec.anchor.path, "sha256": spec.anchor.sha256},
-            augments=[{"path": ref.path, "sha256": ref.sha256, "connections": [list(pair) for pair in pairs]}
-                      for ref, pairs in zip(spec.augments, spec.connections)],
+            augments=[{"path": ref.path, "sha256": ref.sha256, "connections": [list(pair) for pair in pairs],
+                       **({"tokenizer": augment_tokenizer_dir(index)} if own else {})}
+                      for index, (ref, pairs, own) in enumerate(zip(spec.augments, spec.connections,
+                                                                    spec.own_tokenizer or [False] * len(spec.augments)))],
             relative_scale=bool(spec.relative_scale),
             calm_metadata=dict(metadata or {}),
             architectures=["CALMForCausalLM"],
@@ -104,6 +121,8 @@ class CALMConfig(PretrainedConfig):
             augments=tuple(BaseModelRef(entry["path"], entry.get("sha256")) for entry in self.augments),
             connections=tuple(tuple((int(a), int(b)) for a, b in entry["connections"]) for entry in self.augments),
             relative_scale=bool(self.relative_scale),
+            own_tokenizer=tuple(bool(entry.get("tokenizer")) for entry in self.augments)
+            if any(entry.get("tokenizer") for entry in self.augments) else (),
         )
 
 
@@ -154,6 +173,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     ``CausalLMOutputWithPast`` whose ``cache`` is a ``CALMCache``; ``generate`` is ``GenerationMixin``'s.
     Token ids feed both models (the augmenting models share the anchor's tokenizer), so ``inputs_embeds``
     is refused; positions come from the attention mask (left padding as Hugging Face models do it).
+    A composition whose augmenting models have tokenizers of their own generates with ``generate_text``.
     """
 
     config_class = CALMConfig
@@ -165,6 +185,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         _check_wrappable(calm)
         self.calm = calm
+        self.export_dir: Path | None = None  # set by from_pretrained: where its tokenizers are
         self.post_init()
 
     # The weights come from the base models and the export: there is nothing to initialise or tie, and the
@@ -186,8 +207,9 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         augment_refs = tuple(_as_ref(ref) for ref in augments) if augments is not None \
             else tuple(BaseModelRef("") for _ in calm.augments)
         spec = ExportSpec(anchor_ref, augment_refs,
-                               tuple(tuple(pairs) for pairs in calm.augment_connections),
-                               bool(calm.bridges[0].relative_scale))
+                          tuple(tuple(pairs) for pairs in calm.augment_connections),
+                          bool(calm.bridges[0].relative_scale),
+                          tuple(calm.own_tokenizer) if any(calm.own_tokenizer) else ())
         model = cls(CALMConfig.from_spec(spec, calm.anchor.config, metadata), calm)
         model.generation_config = _generation_config_of(calm.anchor, model.config)
         return model.train(calm.training)
@@ -253,6 +275,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         place_bridges(calm, bridge_dtype)
         model = cls(config, calm)
         model.name_or_path = str(pretrained_model_name_or_path)
+        model.export_dir = directory
         model.generation_config = _read_generation_config(directory, anchor, config)
         return model.eval()
 
@@ -266,7 +289,72 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"this model does not know where its base models {missing} are saved: build it with "
                              "CALMForCausalLM.from_composed(calm, anchor=<dir>, augments=[<dir>, ...])")
         write_export_files(Path(save_directory), self.config, self.calm.composition_state_dict(),
-                           copy.deepcopy(self.generation_config), tokenizer)
+                           copy.deepcopy(self.generation_config), tokenizer, self._own_tokenizers_to_save())
+
+    @property
+    def own_tokenizer_models(self) -> list[int]:
+        """The augmenting models that read their own tokenizer's tokens (not the anchor's ids)."""
+        return [index for index, own in enumerate(self.calm.own_tokenizer) if own]
+
+    def _refuse_token_ids(self, what: str) -> None:
+        if self.own_tokenizer_models:
+            raise ValueError(
+                f"{what}: augmenting models {self.own_tokenizer_models} read their own tokenizer's tokens, which the "
+                "anchor's token ids do not give; generate from text with model.generate_text(prompts, "
+                "max_new_tokens=...) (or calm_dist.generate_text(model.calm, anchor_tokenizer, augment_tokenizers, "
+                "prompts)), which re-tokenises the growing text for each of them")
+
+    def generate(self, *args, **kwargs):
+        self._refuse_token_ids("generate")
+        return super().generate(*args, **kwargs)
+
+    def augment_tokenizers(self, export_dir: str | os.PathLike | None = None) -> list:
+        """Per augmenting model, its own tokenizer as the export keeps it (``augment<i>/``); None for a model
+        that reads the anchor's ids. ``export_dir``: default the directory this model was loaded from."""
+        from transformers import AutoTokenizer
+
+        entries = self.config.augments or []
+        if not any(entry.get("tokenizer") for entry in entries):
+            return [None] * len(entries)
+        directory = Path(export_dir) if export_dir is not None else getattr(self, "export_dir", None)
+        if directory is None:
+            raise ValueError("augment_tokenizers: this model was not loaded from an export; give export_dir, or "
+                             "call calm_dist.generate_text with the augmenting models' tokenizers")
+        return [None if not entry.get("tokenizer") else AutoTokenizer.from_pretrained(directory / entry["tokenizer"])
+                for entry in entries]
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 8, *, anchor_tokenizer=None,
+                      augment_tokenizers: Sequence | None = None, **kwargs):
+        """Greedy continuation of text ``prompts`` (``calm_dist.generate_text``): the anchor reads its own
+        tokens, every augmenting model with a tokenizer of its own the growing text re-tokenised by that
+        tokenizer, with caches kept for what a re-tokenisation left unchanged. Tokenizers default to the
+        export's (the anchor's at its top level, each own one in ``augment<i>/``). Returns ``GeneratedText``."""
+        from transformers import AutoTokenizer
+
+        from calm_dist.model.generation import generate_text
+
+        directory = getattr(self, "export_dir", None)
+        if anchor_tokenizer is None:
+            if directory is None:
+                raise ValueError("generate_text: this model was not loaded from an export; give anchor_tokenizer "
+                                 "(and augment_tokenizers)")
+            if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+                raise ValueError(f"generate_text: the export at {directory} holds no anchor tokenizer (it was saved "
+                                 "without one); give anchor_tokenizer")
+            anchor_tokenizer = AutoTokenizer.from_pretrained(directory)
+        if augment_tokenizers is None:
+            augment_tokenizers = self.augment_tokenizers()
+        return generate_text(self.calm, anchor_tokenizer, augment_tokenizers, prompts, max_new_tokens, **kwargs)
+
+    def _own_tokenizers_to_save(self) -> list:
+        if not self.own_tokenizer_models:
+            return []
+        directory = self.export_dir
+        if directory is None:
+            raise ValueError(f"augmenting models {self.own_tokenizer_models} read their own tokenizers, which this "
+                             "model does not have: save it with calm_dist.export.save_composition(..., "
+                             "augment_tokenizers=[...])")
+        return [None if not entry.get("tokenizer") else directory / entry["tokenizer"] for entry in self.config.augments]
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -286,6 +374,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         cache = kwargs.pop("past_key_values", cache)
         _refuse_unsupported_inputs(kwargs)
+        self._refuse_token_ids("forward")
         if input_ids is None:
             raise ValueError("CALMForCausalLM needs input_ids: the anchor and the augmenting models both read them "
                              "(inputs_embeds cannot feed the augmenting models)")
@@ -370,11 +459,12 @@ def _base_device_map(device_map):
 
 def compose_spec(anchor, augments: Sequence, spec: ExportSpec) -> CALMModel:
     """The composition of ``spec`` over loaded base models."""
+    shared = [not own for own in spec.own_tokenizer] if spec.own_tokenizer else True
     if len(augments) == 1:
         return compose(anchor, augments[0], connections=list(spec.connections[0]),
-                       relative_scale=spec.relative_scale)
+                       relative_scale=spec.relative_scale, shared_tokenizer=shared)
     return compose(anchor, list(augments), connections=[list(pairs) for pairs in spec.connections],
-                   relative_scale=spec.relative_scale)
+                   relative_scale=spec.relative_scale, shared_tokenizer=shared)
 
 
 def place_bridges(calm: CALMModel, dtype: torch.dtype) -> None:

@@ -74,13 +74,20 @@ def run_dir_for(config: Config) -> Path:
     return run_dir
 
 
+def augment_tokenizers(models: ModelPlan) -> list[dp.AugmentTokenizer | None]:
+    """Per augmenting model, its own tokenizer with its position limit (None: it reads the anchor's tokens)."""
+    return [None if tokenizer is None else dp.AugmentTokenizer(tokenizer, facts.max_positions)
+            for tokenizer, facts in zip(models.augment_tokenizers or [None] * len(models.augment_dirs),
+                                        models.augment_facts)]
+
+
 def prepare_job(config: Config, log=print) -> PreparedJob:
     """Every check of the config, its models, tokenizers and data; then the tokenised data. Raises
     ValueError/FileNotFoundError naming the config key before anything of a run is written."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     models, tokenizer = plan_models(config)
-    data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log)
+    data = dp.prepare_data(data_spec(config), tokenizer, config.run.cache_dir, log, augment_tokenizers(models))
     _check_rows(config, data)
     return PreparedJob(config, models, data, run_dir_for(config))
 
@@ -142,7 +149,8 @@ def results_of(run_dir: Path, max_steps: int) -> RunResults:
 
 def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tensor]) -> Path:
     """``<run dir>/export``: the trained bridges, the base models they belong to (path and sha256) and the
-    anchor's tokenizer, loadable with ``calm_dist.CALMForCausalLM.from_pretrained``."""
+    anchor's tokenizer (and each augmenting model's own, where it has one), loadable with
+    ``calm_dist.CALMForCausalLM.from_pretrained``."""
     from calm_dist.export import save_composition
     from calm_dist.model.hf import BaseModelRef
     from calm_dist.identity import weights_checksum
@@ -155,7 +163,8 @@ def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tens
                             [ref(path) for path in models.augment_dirs], models.composition.connections,
                             relative_scale=models.composition.relative_scale, tokenizer=models.tokenizer_dir,
                             metadata={"run": job.config.run.name, "step": job.config.train.max_steps,
-                                      "data": job.data.fingerprint})
+                                      "data": job.data.fingerprint},
+                            augment_tokenizers=list(models.augment_tokenizer_dirs) or None)
 
 
 def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], timer: Timer,
@@ -170,6 +179,7 @@ def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], 
         "timings": timer.summary(),
         "base_models": base_models_summary(job.models),
         "tokenizer": str(job.models.tokenizer_dir),
+        "augment_tokenizers": [None if path is None else str(path) for path in job.models.augment_tokenizer_dirs],
         "composition": job.models.composition.to_dict(),
         "composition_parameters": sum(value.numel() for value in composition_state.values()),
         "data": {"directory": str(job.data.directory),

@@ -34,12 +34,15 @@ def train_in_process(model, data: dp.PreparedData, settings: LoopSettings, on_re
     """Trains ``model``'s bridges from step 0 to ``train.max_steps``, evaluating as the schedule says."""
     from tqdm.auto import tqdm
 
-    reader = dp.ShardedReader(data.train, settings.train.batch_size, seed=settings.seed, pad_id=data.pad_id)
-    evaluations = {name: dp.EvalBatches(data.eval_dir(name), settings.eval.batch_size, pad_id=data.pad_id)
+    layout = dp.anchor_layout(data.augment_columns, data.pad_ids)  # with every augmenting model's own tokens
+    reader = dp.ShardedReader(data.train, settings.train.batch_size, seed=settings.seed, pad_id=data.pad_id,
+                              layout=layout)
+    evaluations = {name: dp.EvalBatches(data.eval_dir(name), settings.eval.batch_size, pad_id=data.pad_id,
+                                        layout=layout)
                    for name in data.eval_names}
     parameters = model.trainable_parameters()
     optimizer, schedule = make_optimizer(parameters, OptimSettings.of(settings.train))
-    statistics = calm_statistics(model)
+    statistics = calm_statistics(model, data.augment_columns)
     totals = EvalTotals()
     bar = tqdm(total=settings.train.max_steps, desc="composition", disable=not show_progress, dynamic_ncols=True)
     units = dp.run_units(0, settings.train.max_steps, settings.eval.every_steps,

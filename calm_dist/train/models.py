@@ -2,7 +2,7 @@
 the config, and the composition they make — all before any worker starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from calm_dist.config import Config, ModelSource
@@ -83,7 +83,8 @@ def tokenizer_difference(anchor, other) -> str | None:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """The job's models, checked: directories, the anchor's tokenizer directory, facts, the composition."""
+    """The job's models, checked: directories, the anchor's tokenizer directory, facts, the composition, and each
+    augmenting model's own tokenizer where it differs from the anchor's (None: it reads the anchor's tokens)."""
 
     anchor_dir: Path
     augment_dirs: tuple[Path, ...]
@@ -91,6 +92,12 @@ class ModelPlan:
     anchor_facts: SavedModelFacts
     augment_facts: tuple[SavedModelFacts, ...]
     composition: CompositionSpec
+    augment_tokenizer_dirs: tuple[Path | None, ...] = ()
+    augment_tokenizers: tuple = field(default=(), compare=False, repr=False)  # loaded, as augment_tokenizer_dirs
+
+    @property
+    def own_tokenizers(self) -> bool:
+        return any(path is not None for path in self.augment_tokenizer_dirs)
 
 
 def connection_choice(config: Config, index: int) -> tuple[int | None, list | None, str]:
@@ -101,7 +108,8 @@ def connection_choice(config: Config, index: int) -> tuple[int | None, list | No
     return config.composition.every_n, config.composition.connections, "composition"
 
 
-def resolve_composition(config: Config, anchor: SavedModelFacts, augments: list[SavedModelFacts]) -> CompositionSpec:
+def resolve_composition(config: Config, anchor: SavedModelFacts, augments: list[SavedModelFacts],
+                        own_tokenizer: tuple[bool, ...] = ()) -> CompositionSpec:
     per_model = []
     for index, facts in enumerate(augments):
         every_n, pairs, key = connection_choice(config, index)
@@ -111,7 +119,8 @@ def resolve_composition(config: Config, anchor: SavedModelFacts, augments: list[
                 None if pairs is None else [tuple(p) for p in pairs])))
         except ValueError as error:
             raise ValueError(f"config key '{key}.{'connections' if pairs is not None else 'every_n'}': {error}") from None
-    return CompositionSpec(tuple(per_model), config.composition.relative_scale, config.run.seed)
+    return CompositionSpec(tuple(per_model), config.composition.relative_scale, config.run.seed,
+                           own_tokenizer if any(own_tokenizer) else ())
 
 
 def _facts(directory: Path, key: str) -> SavedModelFacts:
@@ -121,10 +130,10 @@ def _facts(directory: Path, key: str) -> SavedModelFacts:
         raise ValueError(f"config key '{key}': {error}") from None
 
 
-def _check_vocabulary(facts: SavedModelFacts, tokenizer, key: str) -> None:
+def _check_vocabulary(facts: SavedModelFacts, tokenizer, key: str, hint: str = "") -> None:
     if len(tokenizer) > facts.shape.vocab_size:
         raise ValueError(f"config key '{key}': the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-                         f"only {facts.shape.vocab_size} rows: it was not trained with this tokenizer")
+                         f"only {facts.shape.vocab_size} rows: it was not trained with this tokenizer{hint}")
 
 
 def _check_positions(facts: SavedModelFacts, max_length: int, key: str) -> None:
@@ -134,28 +143,38 @@ def _check_positions(facts: SavedModelFacts, max_length: int, key: str) -> None:
 
 
 def plan_models(config: Config):
-    """Checks every model, tokenizer and connection of the config; returns (ModelPlan, anchor tokenizer)."""
+    """Checks every model, tokenizer and connection of the config; returns (ModelPlan, anchor tokenizer).
+
+    An augmenting model whose tokenizer differs from the anchor's (``tokenizer_difference``) reads its own
+    tokenisation of the same texts, aligned by character offsets: its tokenizer must fit its embedding, and
+    its position limit applies to its own tokens (``data_pipeline.Retokenisation``), not to data.max_length."""
     anchor_dir = check_model_dir(config.anchor.model.path, model_key("anchor"))
     anchor_tokenizer = load_tokenizer(config.anchor.model, "anchor")
     anchor_facts = _facts(anchor_dir, model_key("anchor"))
     _check_vocabulary(anchor_facts, anchor_tokenizer, model_key("anchor"))
     _check_positions(anchor_facts, config.data.max_length, model_key("anchor"))
-    augment_dirs, augment_facts = [], []
+    augment_dirs, augment_facts, own_dirs, own_tokenizers = [], [], [], []
     for index, augment in enumerate(config.augment):
         role = f"augment[{index}]"
         directory = check_model_dir(augment.model.path, model_key(role))
         facts = _facts(directory, model_key(role))
-        difference = tokenizer_difference(anchor_tokenizer, load_tokenizer(augment.model, role))
-        if difference is not None:
-            raise ValueError(
-                f"config key '{model_key(role)}': the augmenting model's tokenizer is not the anchor's: {difference}. "
-                "Composing models with different tokenizers in the job is not supported yet: use an augmenting "
-                "model trained with the anchor's tokenizer")
-        _check_vocabulary(facts, anchor_tokenizer, model_key(role))
-        _check_positions(facts, config.data.max_length, model_key(role))
+        tokenizer = load_tokenizer(augment.model, role)
+        if tokenizer_difference(anchor_tokenizer, tokenizer) is None:
+            _check_vocabulary(facts, anchor_tokenizer, model_key(role),
+                              f" (a model with a tokenizer of its own: save it in {augment.model.path!r} or name its "
+                              f"directory with {role}.model.tokenizer)")
+            _check_positions(facts, config.data.max_length, model_key(role))
+            own_dirs.append(None)
+            own_tokenizers.append(None)
+        else:
+            _check_vocabulary(facts, tokenizer, f"{role}.model.tokenizer" if augment.model.tokenizer
+                              else model_key(role))
+            own_dirs.append(Path(tokenizer_dir(augment.model)))
+            own_tokenizers.append(tokenizer)
         augment_dirs.append(directory)
         augment_facts.append(facts)
-    composition = resolve_composition(config, anchor_facts, augment_facts)
+    composition = resolve_composition(config, anchor_facts, augment_facts,
+                                      tuple(path is not None for path in own_dirs))
     plan = ModelPlan(anchor_dir, tuple(augment_dirs), Path(tokenizer_dir(config.anchor.model)), anchor_facts,
-                     tuple(augment_facts), composition)
+                     tuple(augment_facts), composition, tuple(own_dirs), tuple(own_tokenizers))
     return plan, anchor_tokenizer

@@ -10,11 +10,15 @@ after the job, and evaluated like CALM (the three tasks, plus KV-Arithmetic over
 - ``calm_two_augments`` (beyond the paper): CALM over m_B and two models like m_A, each trained on
   KV-Substitution over one half of the keys (neither knows every key);
 - ``calm_different_tokenizer`` (beyond the paper): CALM over m_B and a model like m_A that reads
-  characters (its own tokenizer) while m_B reads words.
+  characters (its own tokenizer) while m_B reads words, composed through the generic job's path for such
+  a model: ``prepare_job`` finds its tokenizer, the data pipeline tokenises D_C and the evaluation sets
+  once more with it (with each token's end offset, cached beside the job's data), and the bridges read
+  its tokens aligned by character offsets (``calm_statistics`` over ``anchor_layout`` batches).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +27,19 @@ from typing import Callable
 import torch
 
 import data_pipeline as dp
-from calm_dist.config import Config
+from calm_dist.config import Config, ModelSource
 from calm_dist.identity import weights_checksum
 from calm_dist.model.composed import CompositionSpec
 from calm_dist.model.layers import model_shape
 from calm_dist.optim import OptimSettings
 from calm_dist.train.evaluate import BatchStatistics, calm_statistics, causal_lm_statistics, evaluate_set
+from calm_dist.train.job import prepare_job
 from calm_dist.train.loop import train_loop
 from calm_dist.train.models import load_causal_lm
 from calm_dist.train.report import MetricsLogger
 
 from .augment_variants import character_task, half_key_name, half_key_tasks
 from .base_models import TrainingRecord, Vocabulary, build_model
-from .cross_tokenizer import cross_tokenizer_statistics
 from .models import augment_task, vanilla_augment_task
 from .pretrain import ensure_trained, tokenised
 from .results import ROW_LABELS, BaselineResult, LoraChoice, RowAugment, evaluate_scores
@@ -113,12 +117,14 @@ def build_lora(anchor, composition_parameters: int, baselines: BaselineSettings,
                              round(gap, 4))
 
 
-def train_row(inputs: RowInputs, row: str, statistics: BatchStatistics, parameters: list) -> None:
+def train_row(inputs: RowInputs, row: str, statistics: BatchStatistics, parameters: list,
+              data: dp.PreparedData | None = None) -> None:
     """Trains ``parameters`` on D_C with the composition's budget and batches; one record per step in
-    the row's own metrics file and TensorBoard directory."""
-    config = inputs.config
-    reader = dp.ShardedReader(inputs.data.train, config.train.batch_size, seed=config.run.seed,
-                              pad_id=inputs.data.pad_id)
+    the row's own metrics file and TensorBoard directory. ``data``: D_C as the row reads it (default the
+    job's), its batches carrying every augmenting model's own tokenisation."""
+    config, data = inputs.config, data or inputs.data
+    reader = dp.ShardedReader(data.train, config.train.batch_size, seed=config.run.seed, pad_id=data.pad_id,
+                              layout=dp.anchor_layout(data.augment_columns, data.pad_ids))
     (inputs.run_dir / metrics_filename(row)).unlink(missing_ok=True)  # rows never resume: a rerun logs afresh
     logger = MetricsLogger(inputs.run_dir, metrics_filename(row), tensorboard_dir=f"tensorboard/{row}")
     tokens = [0]
@@ -147,11 +153,11 @@ def _calm(inputs: RowInputs, augments: list, composition: CompositionSpec | None
 
 
 def _train_and_score(inputs: RowInputs, row: str, model, statistics: BatchStatistics, started: float,
-                     **facts) -> BaselineResult:
+                     data: dp.PreparedData | None = None, **facts) -> BaselineResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    train_row(inputs, row, statistics, trainable)
+    train_row(inputs, row, statistics, trainable, data)
     model.eval()
-    scores = evaluate_scores(statistics, inputs.data, inputs.config.eval.batch_size, heldin=True)
+    scores = evaluate_scores(statistics, data or inputs.data, inputs.config.eval.batch_size, heldin=True)
     return BaselineResult(row, scores, count_trainable(trainable), round(time.perf_counter() - started, 1), **facts)
 
 
@@ -195,6 +201,18 @@ def run_two_augments(inputs: RowInputs, started: float) -> BaselineResult:
     return _run_calm_over(inputs, TWO_AUGMENTS, augments, facts, started, per_model)
 
 
+def different_tokenizer_job(inputs: RowInputs, augment_dir: Path):
+    """The job's config with the character-level m_A (its tokenizer saved in its directory) in m_A's place,
+    prepared as the generic job prepares any config: the tokenizer is found to differ from the anchor's, and
+    D_C and the evaluation sets get the model's own tokenisation (``aug0_*`` columns, cached)."""
+    augment = dataclasses.replace(inputs.config.augment[0], model=ModelSource(str(augment_dir)))
+    job = prepare_job(dataclasses.replace(inputs.config, augment=[augment]))
+    if job.data.augment_columns != ("aug0",):
+        raise RuntimeError(f"the character-level m_A at {augment_dir} should read its own tokenisation, but the job "
+                           f"reads {job.data.augment_columns}: its tokenizer was taken for the anchor's")
+    return job
+
+
 def run_different_tokenizer(inputs: RowInputs, started: float) -> BaselineResult:
     task = character_task(inputs.config, inputs.settings, inputs.files)
     (path,) = ensure_trained([task], inputs.config.run.threads)
@@ -203,11 +221,14 @@ def run_different_tokenizer(inputs: RowInputs, started: float) -> BaselineResult
     own_data = tokenised(task)  # its KV-Substitution evaluation set, in characters
     alone = evaluate_set(causal_lm_statistics(augment), own_data.eval_dir("eval"), "eval",
                          inputs.config.eval.batch_size, own_data.pad_id).exact_match
-    model = _calm(inputs, [augment])
+    job = different_tokenizer_job(inputs, path)
+    # the job's connections and bridge seed; the model reads its own tokens
+    composition = dataclasses.replace(inputs.composition, own_tokenizer=job.models.composition.own_tokenizer)
+    model = _calm(inputs, [augment], composition)
     model.train()
-    statistics = cross_tokenizer_statistics(model, load_tokenizer(inputs.files.tokenizer_dir), characters)
     facts = trained_augment(path, "characters", task.seed, vocab_size=len(characters), kv_substitution_alone=alone)
-    return _train_and_score(inputs, DIFFERENT_TOKENIZER, model, statistics, started, augments=(facts,))
+    return _train_and_score(inputs, DIFFERENT_TOKENIZER, model, calm_statistics(model, job.data.augment_columns),
+                            started, job.data, augments=(facts,))
 
 
 RUNNERS: dict[str, Callable[[RowInputs, float], BaselineResult]] = {

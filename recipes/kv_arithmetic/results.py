@@ -45,7 +45,9 @@ def evaluate_scores(statistics: BatchStatistics, data: dp.PreparedData, batch_si
                     heldin: bool = False) -> TaskScores:
     """A model's scores on the job's tokenised evaluation sets; ``heldin`` adds held-in keys."""
     names = (*TABLE_SETS, KV_ARITHMETIC_HELDIN) if heldin else TABLE_SETS
-    accuracy = {name: evaluate_set(statistics, data.eval_dir(name), name, batch_size, data.pad_id).exact_match
+    layout = dp.anchor_layout(data.augment_columns, data.pad_ids)  # with every augmenting model's own tokens
+    accuracy = {name: evaluate_set(statistics, data.eval_dir(name), name, batch_size, data.pad_id,
+                                   layout=layout).exact_match
                 for name in names}
     return TaskScores(accuracy[KV_SUBSTITUTION], accuracy[NUMERIC_ARITHMETIC], accuracy[KV_ARITHMETIC],
                       accuracy.get(KV_ARITHMETIC_HELDIN))
