@@ -201,3 +201,48 @@ def test_bad_override_fails_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert "recipe.data.num_keyz" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+DRIVER_THAT_DIES = """
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from recipes.kv_arithmetic.pretrain import die_with_parent
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=die_with_parent,
+                               initargs=(os.getpid(),))
+    with open(sys.argv[1], "w") as out:
+        out.write(str(pool.submit(os.getpid).result()))  # the worker is up and armed
+    pool.submit(time.sleep, 600)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_pretraining_workers_die_with_a_killed_driver(tmp_path):
+    """Base models pretrain in a process pool: a driver killed by SIGKILL must not leave them training on."""
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER_THAT_DIES)
+    root = Path(__file__).resolve().parents[1]
+    worker_pid, log = tmp_path / "worker.pid", tmp_path / "driver.log"
+    with log.open("w") as output:  # a file, not a pipe: a surviving worker would hold a pipe open
+        done = subprocess.run([sys.executable, str(script), str(worker_pid)], stdout=output, stderr=output,
+                              timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == -9, log.read_text()
+    worker = int(worker_pid.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.2)
+    assert not _alive(worker), f"pool worker {worker} outlived its killed driver"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

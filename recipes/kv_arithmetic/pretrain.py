@@ -4,6 +4,7 @@ and trained by ``calm_dist.train.loop.train_loop``. Each model is cached by its 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -117,6 +118,23 @@ def pretrain(task: PretrainTask, data: dp.PreparedData, threads: int = 0, done=N
     return record
 
 
+def die_with_parent(parent: int) -> None:
+    """A pool worker is killed when the process that started it dies (Linux), so that a driver killed by
+    SIGKILL or the OOM killer leaves no orphan pretraining on; elsewhere the pool's own shutdown has to do."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+    if hasattr(libc, "prctl"):
+        libc.prctl(set_parent_death_signal, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the signal was armed
+            os._exit(1)
+
+
 def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> list[Path]:
     """Each task's model directory; trains the missing ones (two side by side when there are two and
     at least two threads)."""
@@ -126,7 +144,8 @@ def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> li
     all_threads = threads or torch.get_num_threads()
     if len(missing) == 2 and all_threads >= 2:
         context = multiprocessing.get_context("spawn")
-        with context.Manager() as manager, ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        with context.Manager() as manager, ProcessPoolExecutor(max_workers=2, mp_context=context,
+                                                               initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             done = [manager.Event() for _ in missing]
             futures = [pool.submit(pretrain, task, data, 1, done[index], done[1 - index], all_threads)
                        for index, (task, data) in enumerate(zip(missing, prepared))]
