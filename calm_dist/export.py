@@ -53,6 +53,11 @@ def save_composition(
     - ``augment_tokenizers``: per augmenting model, its own tokenizer (directory or object) when it reads
       its own tokenisation (composed with ``shared_tokenizer=False``), None when it reads the anchor's ids;
       written to ``augment<i>/`` and named in ``config.json``, so the export generates with ``generate_text``.
+      Required (ValueError otherwise) when an augmenting model's directory holds a tokenizer that differs
+      from the anchor's (``tokenizer_difference``, as the generic job decides which models read their own
+      tokens): the weights do not record which tokens the bridges were trained on, and guessing either way
+      would write an export that generates wrongly. A directory without a tokenizer is taken to read the
+      anchor's ids (its embedding size tells nothing: tokenizers often have tokens beyond a model's rows).
     """
     from transformers import AutoConfig
 
@@ -65,9 +70,13 @@ def save_composition(
                          f"anchor's ids), got {len(own_tokenizers)}")
     _check_json(metadata)
     anchor_ref, anchor_dir = _identified(anchor, "anchor")
+    identified = [_identified(model, f"augmenting model {index}") for index, model in enumerate(augments)]
+    if augment_tokenizers is None:
+        _refuse_unstated_own_tokenizers(tokenizer if tokenizer is not None else anchor_dir,
+                                        [directory for _, directory in identified])
     spec = ExportSpec(
         anchor=anchor_ref,
-        augments=tuple(_identified(model, f"augmenting model {index}")[0] for index, model in enumerate(augments)),
+        augments=tuple(ref for ref, _ in identified),
         connections=tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in connections),
         relative_scale=bool(relative_scale),
         own_tokenizer=tuple(own is not None for own in own_tokenizers) if any(own_tokenizers) else (),
@@ -101,6 +110,39 @@ def _identified(model: BaseModel, role: str) -> tuple[BaseModelRef, Path]:
                          "the original weights")
     recorded = str(Path(given).expanduser().resolve()) if Path(given).expanduser().is_dir() else given
     return BaseModelRef(recorded, sha256), directory
+
+
+def _holds_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _refuse_unstated_own_tokenizers(anchor_tokenizer, augment_dirs: Sequence[Path]) -> None:
+    """ValueError, naming the argument to pass, when ``augment_tokenizers`` was not given but an augmenting
+    model's directory holds a tokenizer that differs from the anchor's. Nothing is refused when the anchor's
+    tokenizer cannot be loaded (writing it fails later with its own message)."""
+    from transformers import AutoTokenizer
+
+    from calm_dist.model.alignment import tokenizer_difference
+
+    if isinstance(anchor_tokenizer, (str, os.PathLike)):
+        if not _holds_tokenizer(Path(anchor_tokenizer)):
+            return
+        anchor_tokenizer = AutoTokenizer.from_pretrained(anchor_tokenizer)
+    for index, directory in enumerate(augment_dirs):
+        if not _holds_tokenizer(directory):
+            continue
+        why = tokenizer_difference(anchor_tokenizer, AutoTokenizer.from_pretrained(directory))
+        if why is None:
+            continue
+        entries = ["None"] * len(augment_dirs)
+        entries[index] = repr(str(directory))
+        raise ValueError(
+            f"save_composition: augmenting model {index}'s directory {str(directory)!r} holds a tokenizer of its "
+            f"own ({why}), so it may have read its own tokens or the anchor's ids, which the weights do not "
+            f"record. Say which: augment_tokenizers=[{', '.join(entries)}] when it read its own tokenisation "
+            "(composed with shared_tokenizer=False, as the generic job composes every model whose tokenizer "
+            f"differs), or augment_tokenizers[{index}]=None when it read the anchor's ids (one entry per "
+            "augmenting model; None = the anchor's ids)")
 
 
 def _anchor_generation_config(anchor_dir: Path, anchor_config):

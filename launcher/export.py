@@ -3,6 +3,9 @@
 Consolidates a sharded checkpoint (default: the latest complete one) into one process's composition
 weights and writes an export that ``calm_dist.CALMForCausalLM.from_pretrained(DIR)`` loads (and
 ``AutoTokenizer.from_pretrained(DIR)`` its tokenizer: the anchor's, unless ``--tokenizer`` names another).
+An augmenting model that read its own tokenizer (the checkpoint records which) keeps that tokenizer in
+``augment<i>/`` (from ``augment[i].model.tokenizer`` of the run's config, else the model's directory), so the
+export generates with ``generate_text``.
 ``--checkpoints URI`` reads a checkpoint store directly (e.g. when checkpoint.dir was an s3:// URI).
 """
 from __future__ import annotations
@@ -117,7 +120,8 @@ def export(args) -> Path:
             Path(args.out), consolidated_composition(store, name), composition.anchor, composition.augments,
             composition.connections, relative_scale=composition.relative_scale, tokenizer=tokenizer,
             metadata={"step": meta["step"], "checkpoint": name, "run_config": meta.get("config")},
-            augment_tokenizers=list(composition.augment_tokenizers) or None,
+            # the checkpoint records which models read their own tokens; none recorded: all read the anchor's
+            augment_tokenizers=list(composition.augment_tokenizers) or [None] * len(composition.augments),
         )
     except TokenizerNotFoundError as error:
         if args.tokenizer:

@@ -1,8 +1,11 @@
 """An export of a composition whose augmenting models have tokenizers of their own: the export keeps their
 tokenizers, ``from_pretrained`` composes them reading their own tokens, and ``generate_text`` from the export
 equals the in-memory composition's and the full aligned recomputation at every step; token-id ``generate``
-is refused with a message that points to ``generate_text``."""
+is refused with a message that points to ``generate_text``; an export whose augmenting models' files say they
+hold a tokenizer of its own is refused unless ``augment_tokenizers`` says which tokens each one read."""
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -87,3 +90,35 @@ def test_token_id_generation_is_refused_pointing_to_generate_text(exported, tmp_
     assert (tmp_path / "again" / "augment1" / "tokenizer.json").is_file()
     assert again.generate_text(PROMPTS[:1], 4, eos_token_id=None).new_token_ids == \
         loaded.generate_text(PROMPTS[:1], 4, eos_token_id=None).new_token_ids
+
+
+def test_save_composition_refuses_to_guess_which_tokens_an_augmenting_model_read(exported, tmp_path):
+    """The weights do not record whether the bridges were trained on an augmenting model's own tokens or the
+    anchor's ids; without ``augment_tokenizers`` an export that loads as a shared-tokenizer one would generate
+    wrongly, so it is refused when the model's directory holds a tokenizer of its own, naming what to pass."""
+    target, model, tokenizers = exported
+    root = target.parent
+    augments = []
+    for index, tokenizer in enumerate(tokenizers):  # each model directory as a user keeps it: its tokenizer in it
+        shutil.copytree(root / f"augment{index}", tmp_path / f"augment{index}")
+        tokenizer.save_pretrained(tmp_path / f"augment{index}")
+        augments.append(tmp_path / f"augment{index}")
+
+    def save(**options):
+        return calm_dist.save_composition(tmp_path / "export", model.composition_state_dict(), root / "anchor",
+                                          augments, model.augment_connections, tokenizer=ANCHOR_TOKENIZER, **options)
+
+    first = re.escape(repr(str(augments[0])))
+    with pytest.raises(ValueError, match=rf"augmenting model 0's directory {first} holds a tokenizer of its own "
+                                         rf"\(their vocabularies differ.*weights do not record.*"
+                                         rf"augment_tokenizers=\[{first}, None\] when it read its own tokenisation"):
+        save()
+    assert not (tmp_path / "export").exists()
+    # Passing what the message names writes the export equal to the one written with the tokenizer objects.
+    written = CALMForCausalLM.from_pretrained(save(augment_tokenizers=augments))
+    assert written.calm.own_tokenizer == [True, True]
+    assert written.generate_text(PROMPTS, 4, eos_token_id=None).new_token_ids == \
+        CALMForCausalLM.from_pretrained(target).generate_text(PROMPTS, 4, eos_token_id=None).new_token_ids
+    # An explicit None says that model read the anchor's ids: it is written as such, not refused.
+    save(augment_tokenizers=[None, augments[1]])
+    assert "tokenizer" not in json.loads((tmp_path / "export" / "config.json").read_text())["augments"][0]

@@ -1,7 +1,7 @@
 """Augmenting models with tokenizers of their own in the generic job: the data (one tokenisation per distinct
 tokenizer, with end offsets, cached), the augment-side length rule, and the distributed runtime (2 ZeRO-3
 anchor ranks + one stage per model) against its single-process twin, with the no-leak check on the anchor
-ranks' per-token losses.
+ranks' per-token losses; on Ray, the run's export and ``python -m launcher.export`` from its checkpoints.
 
 The pair: the project's byte-level BPE anchor (no BOS, merges across spaces) with two augmenting models, one
 reading chunks of 2 characters (no BOS) and one reading characters (with a BOS of its own): their tokens
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data_pipeline as dp
+from calm_dist.checkpoint import checkpoint_name
 from launcher.runtime import runtime_inputs
 from tests.dist_helpers import spawn
 from tests.dist_workers import token_loss_run
@@ -249,7 +250,8 @@ def cluster():
 
 
 @pytest.mark.timeout(600)
-def test_the_job_on_a_simulated_two_node_ray_cluster_matches_the_single_process_run(job, reference, cluster):
+def test_the_job_on_a_simulated_two_node_ray_cluster_matches_the_single_process_run(job, reference, cluster,
+                                                                                     tmp_path):
     import copy
     import json
 
@@ -262,6 +264,7 @@ def test_the_job_on_a_simulated_two_node_ray_cluster_matches_the_single_process_
     config.run.launcher, config.parallel.anchor_ranks, config.parallel.timeout_s = "ray", 2, 120
     config.ray.cpus_per_worker = 0.5
     config.ray.anchor_resources, config.ray.augment_resources = {"anchor": 1}, {"augment": 1}
+    config.checkpoint.every_steps = STEPS // 2  # for launcher.export below
     run_dir = run_ray_job(config)
     reference_losses, reference_evals, _ = reference
     losses = [record["loss"] for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record]
@@ -291,3 +294,32 @@ def test_the_job_on_a_simulated_two_node_ray_cluster_matches_the_single_process_
     recomputed = generate_text(exported.calm, AutoTokenizer.from_pretrained(run_dir / "export"),
                                exported.augment_tokenizers(), prompts, 5, eos_token_id=None, use_cache=False)
     assert cached.new_token_ids == recomputed.new_token_ids and cached.texts == recomputed.texts
+
+    # python -m launcher.export from the run's checkpoints: the latest (the last step) is the run's own export,
+    # each augmenting model's tokenizer taken from the checkpoint's record of the composition.
+    from launcher.export import main as export_main
+
+    assert export_main(["--run", str(run_dir), "--out", str(tmp_path / "latest")]) == 0
+    from_checkpoint = CALMForCausalLM.from_pretrained(tmp_path / "latest")
+    assert from_checkpoint.own_tokenizer_models == [0, 1]
+    assert from_checkpoint.config.calm_metadata["step"] == STEPS
+    assert [entry["tokenizer"] for entry in from_checkpoint.config.augments] == ["augment0", "augment1"]
+    for saved, original in zip(from_checkpoint.augment_tokenizers(), (chunk_tokenizer(2, False),
+                                                                      chunk_tokenizer(1, True))):
+        assert saved(prompts[0], return_offsets_mapping=True).data == \
+            original(prompts[0], return_offsets_mapping=True).data
+    state, trained = from_checkpoint.calm.composition_state_dict(), exported.calm.composition_state_dict()
+    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    again = from_checkpoint.generate_text(prompts, max_new_tokens=5, eos_token_id=None)
+    assert again.new_token_ids == cached.new_token_ids and again.texts == cached.texts
+    # An earlier checkpoint: other bridges, and its cached generation still equals full recomputation.
+    assert export_main(["--run", str(run_dir), "--checkpoint", checkpoint_name(STEPS // 2), "--out",
+                        str(tmp_path / "middle")]) == 0
+    middle = CALMForCausalLM.from_pretrained(tmp_path / "middle")
+    assert middle.config.calm_metadata["step"] == STEPS // 2 and middle.own_tokenizer_models == [0, 1]
+    middle_state = middle.calm.composition_state_dict()
+    assert middle_state.keys() == trained.keys() and any(not torch.equal(middle_state[k], trained[k]) for k in trained)
+    cached_middle = middle.generate_text(prompts, max_new_tokens=5, eos_token_id=None)
+    recomputed_middle = generate_text(middle.calm, AutoTokenizer.from_pretrained(tmp_path / "middle"),
+                                      middle.augment_tokenizers(), prompts, 5, eos_token_id=None, use_cache=False)
+    assert cached_middle.new_token_ids == recomputed_middle.new_token_ids

@@ -1,5 +1,7 @@
-"""The torchrun launch path: 2 anchor ranks + 1 augment stage match the single-process run, write the same
-checkpoints, and a relaunch resumes from the latest one."""
+"""The torchrun launch path: 2 anchor ranks + 1 augment stage per augmenting model match the single-process
+run, write the same checkpoints, and a relaunch resumes from the latest one. Two augmenting models: one reads
+the anchor's tokens, one its own tokenizer (chunks of 2 characters, whose tokens straddle the BPE anchor's), so
+both paths run under real torchrun in one launch."""
 import json
 import os
 import shutil
@@ -12,21 +14,28 @@ import pytest
 from calm_dist.checkpoint import checkpoint_name
 from calm_dist.train.report import read_jsonl
 from tests.dist_helpers import free_port
+from tests.user_project import save_own_tokenizer_augment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(project, root: Path) -> list[str]:
     return [f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}", "run.name=resumable",
-            f"anchor.model.path={project.anchor}", f"augment.model.path={project.augment}",
+            f"anchor.model.path={project.anchor}",
+            f"augment=[{{model: {{path: {project.augment}}}}}, {{model: {{path: {own_tokenizer_augment(project)}}}, "
+            "connections: [[1, 0], [2, 2]]}]",
             f"data.train={project.data('train.jsonl')}", f"data.eval={project.data('eval.jsonl')}",
             "data.max_length=64", "train.max_steps=6", "train.batch_size=8", "train.lr=3.0e-3", "train.warmup_steps=1",
             "eval.every_steps=3", "eval.batch_size=8", "checkpoint.every_steps=2", "checkpoint.keep=5",
             "parallel.timeout_s=120"]
 
 
+def own_tokenizer_augment(project) -> Path:
+    return save_own_tokenizer_augment(project, 2, False)
+
+
 def torchrun(project, root: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
                str(free_port()), "-m", "launcher.train", "--config", "configs/example_composition.yaml", "--set",
                *settings(project, root), "parallel.anchor_ranks=2", "parallel.augment_stages=1"]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
@@ -53,7 +62,12 @@ def test_torchrun_matches_one_process_and_a_relaunch_resumes(project, tmp_path):
     run_dir = tmp_path / "runs" / "resumable"
     assert first.stdout.strip().splitlines()[-1] == str(run_dir.resolve())
     losses, evaluations = by_step(read_jsonl(run_dir / "metrics.jsonl"))
-    assert max(abs(losses[step] - local_losses[step]) for step in local_losses) <= 1e-4
+    print(f"torchrun (2 anchor ranks + 1 stage per augmenting model, one with its own tokenizer): max |torchrun - "
+          f"local| loss over {len(local_losses)} steps: "
+          f"{max(abs(losses[step] - local_losses[step]) for step in local_losses):.2e}")
+    assert len(local_losses) == 6 and max(abs(losses[step] - local_losses[step]) for step in local_losses) <= 1e-4
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["augment_tokenizers"] == [None, str(own_tokenizer_augment(project))]  # None: the anchor's ids
     assert set(evaluations) == set(local_evals) == {0, 3, 6}
     assert max(abs(evaluations[step] - local_evals[step]) for step in local_evals) <= 1e-5
 

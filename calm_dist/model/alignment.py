@@ -15,6 +15,27 @@ from typing import Mapping, Sequence
 
 import torch
 
+# Texts on which two tokenizers must agree to count as one (besides equal vocabularies).
+PROBE_TEXTS = ("Hello, world! 123 + 45 = 168.", "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n",
+               "naïve café, 東京, ☃ and emoji 🙂", "def f(x):\n    return x ** 2  # code", "UPPER lower MiXeD")
+
+
+def tokenizer_difference(anchor, other) -> str | None:
+    """Why two tokenizers would give different ids for the same text (None: they are one tokenizer).
+    Vocabulary sizes are not compared: a model's embedding may be padded beyond its tokenizer."""
+    anchor_vocab, other_vocab = anchor.get_vocab(), other.get_vocab()
+    if anchor_vocab != other_vocab:
+        only_anchor = sorted(set(anchor_vocab) - set(other_vocab))[:3]
+        moved = sorted(t for t in set(anchor_vocab) & set(other_vocab) if anchor_vocab[t] != other_vocab[t])[:3]
+        detail = f"tokens only in the anchor's: {only_anchor}" if only_anchor else f"tokens with other ids: {moved}"
+        if not only_anchor and not moved:
+            detail = f"tokens only in the other: {sorted(set(other_vocab) - set(anchor_vocab))[:3]}"
+        return f"their vocabularies differ ({len(anchor_vocab)} vs {len(other_vocab)} entries; {detail})"
+    for text in PROBE_TEXTS:
+        if anchor(text)["input_ids"] != other(text)["input_ids"]:
+            return f"they tokenise {text!r} differently"
+    return None
+
 
 @dataclass
 class AugmentInput:

@@ -392,7 +392,7 @@ def compose(
 
     ``shared_tokenizer`` (one flag, or one per augmenting model): True feeds the model the anchor's
     token ids, so both must use one tokenizer (their embedding sizes may differ: models are often
-    padded beyond their tokenizer; ``calm_dist.train.models.tokenizer_difference`` compares two
+    padded beyond their tokenizer; ``calm_dist.model.alignment.tokenizer_difference`` compares two
     tokenizers). False lets it have its own tokenizer; pass its tokenisation of the same texts to
     forward/step as ``augment_inputs`` (see ``alignment.py``).
     ``seed`` makes the bridges' initial weights depend on it alone (default: the global RNG).

@@ -164,7 +164,9 @@ def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tens
                             relative_scale=models.composition.relative_scale, tokenizer=models.tokenizer_dir,
                             metadata={"run": job.config.run.name, "step": job.config.train.max_steps,
                                       "data": job.data.fingerprint},
-                            augment_tokenizers=list(models.augment_tokenizer_dirs) or None)
+                            # the plan decided each model's tokens: None = the anchor's ids
+                            augment_tokenizers=list(models.augment_tokenizer_dirs)
+                            or [None] * len(models.augment_dirs))
 
 
 def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], timer: Timer,
