@@ -59,7 +59,8 @@ def test_anchor_memory_benchmark_quick():
     assert set(figures) == MEMORY_FIGURES
     for ranks in (2, 4):
         record = figures[f"peak_rss_per_anchor_rank_over_full_size_n{ranks}"]
-        assert record["goal"] == pytest.approx(1 / ranks + 0.15)
+        assert record["goal"] == pytest.approx(1 / ranks + 0.1)
+        assert record["checkpoint_peak_over_full"] == pytest.approx(record["value"], rel=0.01)  # the whole life
         assert len(record["peak_increase_bytes_per_rank"]) == ranks
         assert record["params"] == record["full_fp32_bytes"] // 4
 
