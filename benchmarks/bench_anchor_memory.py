@@ -172,6 +172,7 @@ class Options:
     quick: bool = False
     overrides: tuple = ()  # extra config overrides for the ranks, e.g. deepspeed.prefetch_bucket_size=1e7
     mmap_threshold: int | None = None  # MALLOC_MMAP_THRESHOLD_ for the ranks (None: glibc's default)
+    ranks: tuple = RANK_COUNTS
 
 
 PHASES = ("load", "train", "eval", "checkpoint")
@@ -219,8 +220,9 @@ def parse_args(argv) -> Options:
                         help="config override for the anchor ranks (repeatable), e.g. deepspeed.prefetch_bucket_size=1e7")
     parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="run the ranks with MALLOC_MMAP_THRESHOLD_=BYTES (a fixed glibc mmap threshold)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANK_COUNTS), help="anchor rank counts")
     args = parser.parse_args(argv)
-    return Options(args.quick, tuple(args.set), args.mmap_threshold)
+    return Options(args.quick, tuple(args.set), args.mmap_threshold, tuple(args.ranks))
 
 
 def main(argv=None) -> int:
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         params = ensure_model(size, 0, work / "anchor", max_shard_size="200MB", own_process=True)
         log(f"anchor: {params:,} parameters, {params * 4 / MiB:.0f} MiB in fp32")
-        for ranks in RANK_COUNTS:
+        for ranks in options.ranks:
             print(memory_figure(size, work / "anchor", params, ranks, work, options), file=figures)
     log(f"done in {time.perf_counter() - started:.1f}s")
     return 0

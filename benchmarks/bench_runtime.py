@@ -57,10 +57,10 @@ class DsSetting:
                                    max_live_parameters=self.max_live_parameters)
 
 
-DEFAULT_DS = DsSetting("default", 100_000, 50_000_000, 1_000_000_000)  # calm_dist.config's defaults
+DEFAULT_DS = DsSetting("default", 100_000, None, None)  # calm_dist.config's defaults (auto gather limits)
 DS_SETTINGS = (
     DEFAULT_DS,
-    DsSetting("persist0", 0, 50_000_000, 1_000_000_000),
+    DsSetting("persist0", 0, None, None),
     DsSetting("persist3e5", 300_000, 50_000_000, 1_000_000_000),  # attention matrices (262k) stay whole
     DsSetting("no_prefetch", 100_000, 0, 1_000_000_000),
     DsSetting("live1e6", 100_000, 50_000_000, 1_000_000),
