@@ -116,6 +116,10 @@ class DeepSpeedConfig:
     # a gathered parameter is kept (not re-partitioned) if the step uses it again within this many elements;
     # DeepSpeed's default, 1e9, keeps a whole small anchor gathered from forward to backward
     max_reuse_distance: int = 0
+    # ZeRO++: hpZ keeps a second copy of the partitions inside groups of this many ranks (a node), so the
+    # backward gathers stay inside them (1 = off; must divide parallel.anchor_ranks); qwZ gathers int8 weights
+    zero_hpz_partition_size: int = 1
+    zero_quantized_weights: bool = False
     activation_checkpointing: bool = False  # recompute anchor layers in backward
     # the anchor's nn.Linear layers keep a reference to their weight for backward, not its gathered storage
     # (ZeRO-3 re-gathers it there); false: plain F.linear, which keeps every gathered weight alive until backward
@@ -356,6 +360,10 @@ def validate(config: Config) -> None:
     _require(config.train.batch_size % config.parallel.anchor_ranks == 0, "train.batch_size",
              f"{config.train.batch_size} must be divisible by parallel.anchor_ranks={config.parallel.anchor_ranks} "
              "(each anchor rank takes an equal micro-batch)")
+    hpz = config.deepspeed.zero_hpz_partition_size
+    _require(hpz >= 1 and config.parallel.anchor_ranks % hpz == 0, "deepspeed.zero_hpz_partition_size",
+             f"must be >= 1 and divide parallel.anchor_ranks={config.parallel.anchor_ranks}, got {hpz} "
+             "(use the GPUs per node)")
     _require(config.run.launcher in ("ray", "local"), "run.launcher", "must be ray or local")
     _require(config.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
              "ray.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")

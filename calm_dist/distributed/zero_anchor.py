@@ -52,6 +52,8 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, 
             "stage3_prefetch_bucket_size": prefetch,
             "stage3_max_live_parameters": live,
             "stage3_max_reuse_distance": ds.max_reuse_distance,
+            "zero_hpz_partition_size": ds.zero_hpz_partition_size,
+            "zero_quantized_weights": ds.zero_quantized_weights,
             # DeepSpeed's memory-efficient linear replaces F.linear process-wide for good; the anchor's own
             # linear layers do the same job instead (deepspeed.frozen_linear, see frozen_linear.py).
             "memory_efficient_linear": False,
