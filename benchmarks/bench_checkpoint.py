@@ -49,10 +49,15 @@ def job_config(work: Path, steps: int):
         "ray.anchor_resources={anchor: 1}", "ray.augment_resources={augment: 1}", "eval.batch_size=32"])
 
 
+def step_records(records: list[dict]) -> list[dict]:
+    """metrics.jsonl's training-step records (evaluation records carry ``eval``)."""
+    return [r for r in records if "eval" not in r]
+
+
 def kill_anchor_rank_1_at(metrics: Path, step: int, killed: list) -> None:
     from calm_dist.train.report import read_jsonl
 
-    while len(read_jsonl(metrics)) < step:
+    while len(step_records(read_jsonl(metrics))) < step:
         time.sleep(0.02)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -79,7 +84,7 @@ def measure(work: Path, steps: int, kill_step: int) -> dict:
         run_ray_job(config)
     if not killed:
         raise RuntimeError("the anchor worker was never killed")
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = step_records(read_jsonl(run_dir / "metrics.jsonl"))
     summary = json.loads((run_dir / "run_summary.json").read_text())
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / latest).rglob("*") if f.is_file())
