@@ -6,22 +6,22 @@ handle on the real stdout for the JSON lines.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
+import random
 import resource
 import socket
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
 
 def log(message: str) -> None:
@@ -103,53 +103,137 @@ def anchor_only_groups(anchor_ranks: int, index: int, tapped_layers, augment_lay
     return Groups(topology, index, Role(ANCHOR, index), None, "gloo", torch.device("cpu"))
 
 
-def anchor_step_fn(engine, groups, augment_hidden: int) -> Callable[[dict, list], tuple[float, int]]:
-    """The anchor rank's real training step (``AnchorWorker._step``) on a given batch and augment states."""
+def anchor_worker(engine, groups, augment_hidden: int):
+    """An anchor rank's ``AnchorWorker`` whose batches and augment states are given by the caller: its
+    ``_train_step(batch, states)`` is the real training step (engine forward with logits only where labelled,
+    loss, backward, step) and ``_eval_totals(batch, states)`` the real evaluation forward."""
     from calm_dist.distributed.anchor_worker import AnchorWorker
 
-    worker = AnchorWorker(engine, groups, reader=None, receiver=None, augment_hiddens=[augment_hidden])
-    return worker._step
+    return AnchorWorker(engine, groups, source=None, receiver=None, augment_hiddens=[augment_hidden])
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs: the tiny task data, with random base models of the sizes a benchmark wants
+# Inputs: a user's project as the generic job meets it (saved random Llamas sharing a BPE tokenizer,
+# prompt/completion JSONL), prepared by the job's own code (``prepare_job``, ``runtime_inputs``)
+
+WORDS = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "sings", "the", "a", "big", "small",
+         "quickly", "slowly", "near", "far", "tree", "house", "river"]
+EOS = "<|endoftext|>"
 
 
-def model_spec(hidden: int, layers: int, heads: int, intermediate: int):
-    from calm_dist.config import ModelConfig
+@dataclass(frozen=True)
+class LlamaSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int = 512  # embedding rows; the bench tokenizer uses fewer (models are often padded beyond theirs)
 
-    return ModelConfig(arch="llama", hidden_size=hidden, num_layers=layers, num_heads=heads,
-                       intermediate_size=intermediate)
+    def hf_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                           num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                           intermediate_size=self.intermediate, max_position_embeddings=256,
+                           tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=0)
+
+    def layer_params(self) -> int:
+        return 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    def param_count(self) -> int:
+        return self.layers * self.layer_params() + 2 * self.vocab * self.hidden + self.hidden
 
 
-def save_random_model(spec, vocab_size: int, special_ids: dict, seed: int, target: Path) -> int:
-    """A seeded random model built by the project's ``build_model``, saved with save_pretrained."""
-    from calm_dist.train.base_models import build_model
+def _sentence(rng: random.Random, length: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(length))
 
+
+def bench_tokenizer():
+    """Byte-level BPE over the word corpus (~400 tokens), EOS id 0, no BOS and no pad token."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([_sentence(rng, rng.randint(3, 9)) + " =>" for _ in range(400)], trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
+
+
+def build_model(size: LlamaSize, seed: int, target: str, max_shard_size: str | None = None) -> None:
+    """A seeded random Llama saved with save_pretrained (and the bench tokenizer beside it)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(size.hf_config())
+    options = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(target, **options)
+    bench_tokenizer().save_pretrained(target)
+
+
+def ensure_model(size: LlamaSize, seed: int, target: Path, max_shard_size: str | None = None,
+                 own_process: bool = False) -> int:
+    """``build_model`` unless ``target`` holds it already; ``own_process``: in a spawned process, so that its
+    memory counts nowhere. Returns the parameter count."""
     if not (target / "config.json").is_file():
-        build_model(spec, vocab_size, special_ids, seed).save_pretrained(target)
-    from transformers import AutoConfig, AutoModelForCausalLM
+        if own_process:
+            import multiprocessing
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target))
-    return sum(p.numel() for p in model.parameters())
+            process = multiprocessing.get_context("spawn").Process(
+                target=build_model, args=(size, seed, str(target), max_shard_size))
+            process.start()
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"building the model at {target} failed (exit code {process.exitcode})")
+        else:
+            build_model(size, seed, str(target), max_shard_size)
+    return size.param_count()
 
 
-def prepare_inputs(work_dir: Path, anchor_spec, augment_spec, overrides=()):
-    """RunInputs from configs/tiny.yaml + ``overrides``, its task data, and random anchor/augment models."""
+def prompt_completion_rows(count: int, seed: int, words: tuple[int, int] = (2, 6)) -> list[dict]:
+    """``prompt`` a sentence and an arrow, ``completion`` its words reversed."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        chosen = _sentence(rng, rng.randint(*words)).split()
+        rows.append({"prompt": " ".join(chosen) + " =>", "completion": " " + " ".join(reversed(chosen))})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def project_config(work: Path, anchor: LlamaSize, augment: LlamaSize, overrides=(), train_rows: int = 256,
+                   eval_rows: int = 32, words: tuple[int, int] = (2, 6), build_anchor_apart: bool = False):
+    """The generic job's config over a user project under ``work``: random anchor and augmenting Llamas saved
+    with their BPE tokenizer (built once), prompt/completion JSONL data, then ``overrides``."""
     from calm_dist.config import load_config
-    from calm_dist.distributed.worker import RunInputs
-    from calm_dist.train.task_data import prepare_task_data
 
-    config = load_config(TINY_CONFIG, [f"run.cache_dir={work_dir / 'cache'}", *overrides])
-    task_data = prepare_task_data(config)
-    model_dirs = {side: work_dir / f"{side}-model" for side in ("anchor", "augment")}
-    counts = {}
-    for side, spec in (("anchor", anchor_spec), ("augment", augment_spec)):
-        seed = config.run.seed + (2 if side == "anchor" else 1)
-        counts[side] = save_random_model(spec, task_data.vocab_size, task_data.special_ids, seed, model_dirs[side])
-        getattr(config, side).model = dataclasses.replace(spec, path=str(model_dirs[side]))
-    return RunInputs(config, task_data, model_dirs), counts
+    anchor_dir, augment_dir = work / "models" / "anchor", work / "models" / "augment"
+    ensure_model(anchor, 2, anchor_dir, own_process=build_anchor_apart)
+    ensure_model(augment, 1, augment_dir)
+    return load_config(None, [
+        f"run.output_dir={work / 'runs'}", f"run.cache_dir={work / 'cache'}", "run.name=bench",
+        f"anchor.model.path={anchor_dir}", f"augment.model.path={augment_dir}",
+        f"data.train={write_jsonl(work / 'data' / 'train.jsonl', prompt_completion_rows(train_rows, 3, words))}",
+        f"data.eval={write_jsonl(work / 'data' / 'eval.jsonl', prompt_completion_rows(eval_rows, 4, words))}",
+        "data.max_length=64", "train.warmup_steps=1", "parallel.timeout_s=300", *overrides])
+
+
+def prepare_project(work: Path, anchor: LlamaSize, augment: LlamaSize, overrides=(), **options):
+    """(prepared job, RunInputs) over ``project_config``: checked and tokenised by ``prepare_job``, the
+    ranks' inputs made by ``runtime_inputs``, as the launcher does."""
+    from calm_dist.train.job import prepare_job
+    from launcher.runtime import runtime_inputs
+
+    job = prepare_job(project_config(work, anchor, augment, overrides, **options), log=lambda _: None)
+    return job, runtime_inputs(job)
 
 
 # ---------------------------------------------------------------------------------------------

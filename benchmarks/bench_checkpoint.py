@@ -2,8 +2,9 @@
 
 Run: ``python -m benchmarks.bench_checkpoint [--quick]``. One JSON line per figure on stdout.
 
-The job: configs/tiny.yaml's task with wider models (anchor Llama 256 x 2 layers, augment 128 x 2,
-the tiny connections: 3 bridges), 2 ZeRO-3 anchor ranks on two ``{anchor: 1}`` nodes and one augment
+The job: the generic job over a user project (``benchmarks._common.project_config``: random Llamas with a
+BPE tokenizer, anchor 256 x 2 layers, augment 128 x 2, prompt/completion JSONL; connections
+``[[1, -1], [0, 0], [1, 1]]``: 3 bridges), 2 ZeRO-3 anchor ranks on two ``{anchor: 1}`` nodes and one augment
 stage on an ``{augment: 1}`` node, a checkpoint every 10 steps, through the real driver
 (``launcher.ray_driver.run_ray_job``). Once step 25 is logged, anchor rank 1's process is SIGKILLed.
 
@@ -30,28 +31,33 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO_ROOT, claim_stdout, figure_line, log
+from benchmarks._common import LlamaSize, claim_stdout, figure_line, log, project_config
 
 NODES = [{"num_cpus": 1, "resources": {"anchor": 1}}, {"num_cpus": 1, "resources": {"anchor": 1}},
          {"num_cpus": 1, "resources": {"augment": 1}}]
 
 
-def job_config(work: Path, steps: int):
-    from calm_dist.config import load_config
+ANCHOR = LlamaSize(256, 2, 4, 512)
+AUGMENT = LlamaSize(128, 2, 4, 256)
 
-    return load_config(str(REPO_ROOT / "configs" / "tiny.yaml"), [
-        f"run.cache_dir={work / 'cache'}", f"run.output_dir={work / 'runs'}", "run.name=bench_checkpoint",
+
+def job_config(work: Path, steps: int):
+    return project_config(work, ANCHOR, AUGMENT, [
+        "run.launcher=ray", "run.name=bench_checkpoint", "composition.connections=[[1, -1], [0, 0], [1, 1]]",
         f"train.max_steps={steps}", "train.batch_size=8", "checkpoint.every_steps=10", "checkpoint.keep=2",
-        "anchor.model.hidden_size=256", "anchor.model.num_heads=4", "anchor.model.intermediate_size=512",
-        "augment.model.hidden_size=128", "augment.model.intermediate_size=256",
         "parallel.anchor_ranks=2", "parallel.augment_stages=1", "parallel.timeout_s=60",
         "ray.anchor_resources={anchor: 1}", "ray.augment_resources={augment: 1}", "eval.batch_size=32"])
+
+
+def step_records(records: list[dict]) -> list[dict]:
+    """metrics.jsonl's training-step records (evaluation records carry ``eval``)."""
+    return [r for r in records if "eval" not in r]
 
 
 def kill_anchor_rank_1_at(metrics: Path, step: int, killed: list) -> None:
     from calm_dist.train.report import read_jsonl
 
-    while len(read_jsonl(metrics)) < step:
+    while len(step_records(read_jsonl(metrics))) < step:
         time.sleep(0.02)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -78,7 +84,7 @@ def measure(work: Path, steps: int, kill_step: int) -> dict:
         run_ray_job(config)
     if not killed:
         raise RuntimeError("the anchor worker was never killed")
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = step_records(read_jsonl(run_dir / "metrics.jsonl"))
     summary = json.loads((run_dir / "run_summary.json").read_text())
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / latest).rglob("*") if f.is_file())

@@ -2,22 +2,22 @@
 
 Run: ``python -m benchmarks.bench_runtime [--quick]``. One JSON line per figure on stdout, logs on
 stderr. Every rank runs in its own spawned process with one torch thread, through the project's
-real code paths (``load_partitioned``, ``build_engine``, ``AnchorWorker``, ``run_worker``).
+real code paths (``prepare_job``, ``load_partitioned``, ``build_engine``, ``AnchorWorker``, ``run_worker``).
 
-Models (random weights, built by ``calm_dist.train.base_models.build_model`` over the vocabulary of
-``configs/tiny.yaml``'s task data, 73 tokens):
-* anchor: Llama hidden 512, 8 layers, 8 heads, MLP 1024 (~21M parameters; --quick: hidden 128, 2 layers)
-* augment: Llama hidden 32, 2 layers (tiny.yaml's), far smaller than the anchor
-* connections: tiny.yaml's ``[[1, -1], [0, 0], [1, 1]]``: 3 bridges reading 2 distinct augment layers
+Inputs (``benchmarks._common.prepare_project``): random Llamas saved with save_pretrained over a BPE
+tokenizer (~400 tokens, embeddings of 512 rows), prompt/completion JSONL rows tokenised by the job's data
+pipeline.
+* anchor: Llama hidden 512, 8 layers, 8 heads, MLP 1024 (~17M parameters; --quick: hidden 128, 2 layers)
+* augment: Llama hidden 32, 2 layers, far smaller than the anchor
+* connections ``[[1, -1], [0, 0], [1, 1]]``: 3 bridges reading 2 distinct augment layers
 
 Figures
-1. zero3_step_time_ratio_1rank_vs_plain: one anchor rank's ZeRO-3 step (``AnchorWorker._step``: engine
-   forward, loss, backward, step) / the plain single-process CALMModel step with AdamW + clipping,
-   both on one fixed batch (8 x 32 random tokens) with the same precomputed augment states, timed
-   round-robin in one process. Several ``deepspeed.*`` settings are tried; the figure is the best one
-   that still partitions most of the anchor, the others are extra keys. DeepSpeed's first zero.Init
-   replaces ``torch.nn.functional.linear`` for the whole process and never restores it; the plain step
-   runs with PyTorch's own (``with_linear``), the ZeRO-3 steps with DeepSpeed's, as in a real rank.
+1. zero3_step_time_ratio_1rank_vs_plain: one anchor rank's ZeRO-3 step (``AnchorWorker._train_step``: engine
+   forward with logits only where a label counts, loss, backward, step) / the plain single-process
+   CALMModel step with AdamW + clipping (as ``train_in_process`` runs it), both on one fixed
+   prompt/completion batch (8 x 32 random tokens, the last 16 labelled) with the same precomputed
+   augment states, timed round-robin in one process. Several ``deepspeed.*`` settings are tried; the
+   figure is the best one that still partitions most of the anchor, the others are extra keys.
 2. anchor_param_bytes_per_rank_times_n_over_full: 2 anchor ranks, ``load_partitioned`` with persistence
    threshold 0; the largest rank's partition bytes x 2 / the full anchor's bytes.
 3. wire_bytes_per_step_over_minimum and 4. anchor_stall_fraction: one real run (1 anchor rank + 1 augment
@@ -28,7 +28,7 @@ Figures
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import (anchor_only_groups, anchor_step_fn, claim_stdout, figure_line, init_anchor_world,
-                                log, median, model_spec, prepare_inputs, spawn_ranks, time_round_robin)
+from benchmarks._common import (LlamaSize, anchor_only_groups, anchor_worker, claim_stdout, figure_line,
+                                init_anchor_world, log, median, prepare_project, spawn_ranks, time_round_robin)
+from calm_dist.model.loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,16 @@ class DsSetting:
     prefetch_bucket_size: int
     max_live_parameters: int
 
+    def apply(self, ds):
+        return dataclasses.replace(ds, param_persistence_threshold=self.persistence_threshold,
+                                   prefetch_bucket_size=self.prefetch_bucket_size,
+                                   max_live_parameters=self.max_live_parameters)
 
-DEFAULT_DS = DsSetting("default", 100_000, 50_000_000, 1_000_000_000)  # calm_dist.config's defaults
+
+DEFAULT_DS = DsSetting("default", 100_000, None, None)  # calm_dist.config's defaults (auto gather limits)
 DS_SETTINGS = (
     DEFAULT_DS,
-    DsSetting("persist0", 0, 50_000_000, 1_000_000_000),
+    DsSetting("persist0", 0, None, None),
     DsSetting("persist3e5", 300_000, 50_000_000, 1_000_000_000),  # attention matrices (262k) stay whole
     DsSetting("no_prefetch", 100_000, 0, 1_000_000_000),
     DsSetting("live1e6", 100_000, 50_000_000, 1_000_000),
@@ -66,7 +72,7 @@ MIN_PARTITIONED_FRACTION = 0.5  # a setting counts for the figure only if it par
 
 @dataclass(frozen=True)
 class Mode:
-    anchor: tuple  # (hidden, layers, heads, intermediate)
+    anchor: LlamaSize
     settings: tuple
     warmup: int
     repeats: int
@@ -76,9 +82,11 @@ class Mode:
     seq_len: int = 32
 
 
-DEFAULT = Mode((512, 8, 8, 1024), DS_SETTINGS, warmup=3, repeats=21, run_steps=40, warm_steps=5)
-QUICK = Mode((128, 2, 4, 256), (DEFAULT_DS, DS_SETTINGS[1]), warmup=1, repeats=3, run_steps=6, warm_steps=2)
-AUGMENT = (32, 2, 2, 64)
+DEFAULT = Mode(LlamaSize(512, 8, 8, 1024), DS_SETTINGS, warmup=3, repeats=21, run_steps=40, warm_steps=5)
+QUICK = Mode(LlamaSize(128, 2, 4, 256), (DEFAULT_DS, DS_SETTINGS[1]), warmup=1, repeats=3, run_steps=6,
+             warm_steps=2)
+AUGMENT = LlamaSize(32, 2, 2, 64)
+CONNECTIONS = "[[1, -1], [0, 0], [1, 1]]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,32 +94,32 @@ AUGMENT = (32, 2, 2, 64)
 
 
 def fixed_batch(inputs, mode: Mode, bridges: int, augment_hidden: int) -> tuple[dict, list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(inputs.config.run.seed + 11)
-    ids = torch.randint(3, inputs.task_data.vocab_size, (mode.batch, mode.seq_len), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    """Random tokens, the second half of each row labelled (a prompt and its completion)."""
+    generator = torch.Generator().manual_seed(inputs.seed + 11)
+    ids = torch.randint(1, 400, (mode.batch, mode.seq_len), generator=generator)
+    labels = ids.clone()
+    labels[:, : mode.seq_len // 2] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     states = [torch.randn(mode.batch, mode.seq_len, augment_hidden, generator=generator) for _ in range(bridges)]
     return batch, states
 
 
-def plain_step(inputs, connections, augment_shape, batch: dict, states: list):
-    """The single-process CALMModel training step, as ``train_loop`` runs it."""
-    from calm_dist.model.composed import CALMModel
-    from calm_dist.train.base_models import load_pretrained
-    from calm_dist.train.loop import OptimSettings, make_optimizer
+def plain_step(inputs, augment_shapes, batch: dict, states: list):
+    """The single-process CALMModel training step, as ``train_in_process`` runs it."""
+    from calm_dist.optim import OptimSettings, make_optimizer
+    from calm_dist.train.models import load_causal_lm
 
-    config = inputs.config
-    anchor = load_pretrained(inputs.model_dirs["anchor"], "anchor")
-    torch.manual_seed(config.run.seed + 4)
-    model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale).train()
+    model = inputs.composition.build(load_causal_lm(inputs.anchor_path, "anchor.model.path"), None,
+                                     augment_shapes).train()
     parameters = model.trainable_parameters()
-    optimizer, schedule = make_optimizer(parameters, OptimSettings.of(config.train))
+    optimizer, schedule = make_optimizer(parameters, OptimSettings.of(inputs.train))
 
     def step() -> float:
         loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     augment_states=states).loss
+                     augment_states=states, logits_for="labels").loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(parameters, inputs.train.grad_clip)
         optimizer.step()
         schedule.step()
         return float(loss.detach())
@@ -119,38 +127,14 @@ def plain_step(inputs, connections, augment_shape, batch: dict, states: list):
     return step
 
 
-def with_linear(step, linear):
-    """``step`` run with ``torch.nn.functional.linear`` set to ``linear``.
-
-    DeepSpeed's first ``zero.Init`` replaces ``F.linear`` process-wide with its ZeRO-3 autograd
-    function and never restores it; the plain baseline must run on PyTorch's own.
-    """
-    functional = torch.nn.functional
-
-    def run():
-        current = functional.linear
-        functional.linear = linear
-        try:
-            return step()
-        finally:
-            functional.linear = current
-
-    return run
-
-
-def zero3_engine(inputs, setting: DsSetting, connections, augment_shape, micro: int):
+def zero3_engine(inputs, setting: DsSetting, augment_shapes, micro: int):
     """The anchor loaded into ZeRO-3 partitions under ``setting`` and composed; (engine, partitioned fraction)."""
-    from calm_dist.distributed.zero_anchor import build_engine, deepspeed_config, load_partitioned
-    from calm_dist.model.composed import CALMModel
+    from calm_dist.distributed.zero_anchor import build_engine, configure_anchor, deepspeed_config, load_partitioned
 
-    config = copy.deepcopy(inputs.config)
-    config.deepspeed.param_persistence_threshold = setting.persistence_threshold
-    config.deepspeed.prefetch_bucket_size = setting.prefetch_bucket_size
-    config.deepspeed.max_live_parameters = setting.max_live_parameters
-    anchor = load_partitioned(inputs.model_dirs["anchor"], deepspeed_config(config, micro))
-    torch.manual_seed(config.run.seed + 4)
-    model = CALMModel(anchor, None, connections, augment_shape, config.composition.relative_scale)
-    engine, _, _ = build_engine(model, config, micro)
+    ds = setting.apply(inputs.deepspeed)
+    anchor = load_partitioned(inputs.anchor_path, deepspeed_config(ds, inputs.train, micro))
+    model = inputs.composition.build(configure_anchor(anchor, ds), None, augment_shapes)
+    engine, _, _ = build_engine(model, ds, inputs.train, micro)
     # ds_persist is decided by the engine (mark_persistent_parameters), not by zero.Init
     partitioned = sum(p.ds_numel for p in anchor.parameters() if not p.ds_persist)
     return engine, partitioned / sum(p.ds_numel for p in anchor.parameters())
@@ -159,21 +143,18 @@ def zero3_engine(inputs, setting: DsSetting, connections, augment_shape, micro: 
 def zero3_timing_rank(rank: int, world_size: int, inputs, mode: Mode) -> dict:
     from calm_dist.distributed.worker import plan
 
-    torch_linear = torch.nn.functional.linear  # before any zero.Init replaces it
     init_anchor_world()
-    topology, connections, augment_shapes = plan(inputs, inputs.config.parallel.anchor_ranks + 1)
-    connections, augment_shape = connections[0], augment_shapes[0]
-    batch, states = fixed_batch(inputs, mode, len(connections), augment_shape.hidden_size)
-    groups = anchor_only_groups(1, 0, topology.tapped_layers, augment_shape.num_layers)
-    steps = {"plain": with_linear(plain_step(inputs, connections, augment_shape, batch, states), torch_linear)}
+    topology, augment_shapes = plan(inputs.with_anchor_ranks(1), 2)
+    bridges, hidden = len(inputs.composition.connections[0]), augment_shapes[0].hidden_size
+    batch, states = fixed_batch(inputs, mode, bridges, hidden)
+    groups = anchor_only_groups(1, 0, topology.tapped_layers, augment_shapes[0].num_layers)
+    steps = {"plain": plain_step(inputs, augment_shapes, batch, states)}
     fractions = {}
     for setting in mode.settings:
-        engine, fractions[setting.name] = zero3_engine(inputs, setting, connections, augment_shape, mode.batch)
-        steps[setting.name] = partial(anchor_step_fn(engine, groups, augment_shape.hidden_size), batch, states)
-    replaced = torch.nn.functional.linear is not torch_linear
+        engine, fractions[setting.name] = zero3_engine(inputs, setting, augment_shapes, mode.batch)
+        steps[setting.name] = partial(anchor_worker(engine, groups, hidden)._train_step, batch, states)
     times = time_round_robin(steps, mode.warmup, mode.repeats, "step")
-    return {"median_s": {name: median(values) for name, values in times.items()}, "partitioned": fractions,
-            "deepspeed_replaced_linear": replaced}
+    return {"median_s": {name: median(values) for name, values in times.items()}, "partitioned": fractions}
 
 
 def zero3_figure(inputs, mode: Mode, work: Path, anchor_params: int) -> str:
@@ -189,9 +170,9 @@ def zero3_figure(inputs, mode: Mode, work: Path, anchor_params: int) -> str:
         best_setting=settings[best], plain_step_s=round(plain_s, 5), best_step_s=round(result["median_s"][best], 5),
         **others, partitioned_fraction={name: round(f, 3) for name, f in fractions.items()},
         eligible_if_partitioned_fraction_at_least=MIN_PARTITIONED_FRACTION,
-        anchor=f"llama hidden {mode.anchor[0]}, {mode.anchor[1]} layers, MLP {mode.anchor[3]}",
-        anchor_params=anchor_params, batch=[mode.batch, mode.seq_len], repeats=mode.repeats, threads=1,
-        plain_uses_torch_linear=True, deepspeed_replaced_linear_process_wide=result["deepspeed_replaced_linear"],
+        anchor=f"llama hidden {mode.anchor.hidden}, {mode.anchor.layers} layers, MLP {mode.anchor.intermediate}",
+        anchor_params=anchor_params, batch=[mode.batch, mode.seq_len], labelled_per_row=mode.seq_len // 2,
+        repeats=mode.repeats, threads=1,
     )
 
 
@@ -199,13 +180,12 @@ def zero3_figure(inputs, mode: Mode, work: Path, anchor_params: int) -> str:
 # 2. Partition bytes per rank
 
 
-def partition_bytes_rank(rank: int, world_size: int, anchor_dir: Path, config) -> dict:
+def partition_bytes_rank(rank: int, world_size: int, inputs) -> dict:
     from calm_dist.distributed.zero_anchor import deepspeed_config, load_partitioned
 
     init_anchor_world()
-    config = copy.deepcopy(config)
-    config.deepspeed.param_persistence_threshold = 0
-    anchor = load_partitioned(anchor_dir, deepspeed_config(config, 1))
+    ds = dataclasses.replace(inputs.deepspeed, param_persistence_threshold=0)
+    anchor = load_partitioned(inputs.anchor_path, deepspeed_config(ds, inputs.train, 1))
     parameters = list(anchor.parameters())
     return {
         "local_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in parameters),
@@ -216,7 +196,7 @@ def partition_bytes_rank(rank: int, world_size: int, anchor_dir: Path, config) -
 
 
 def partition_figure(inputs, work: Path, ranks: int = 2) -> str:
-    results = spawn_ranks(partition_bytes_rank, ranks, (inputs.model_dirs["anchor"], inputs.config), work / "part")
+    results = spawn_ranks(partition_bytes_rank, ranks, (inputs,), work / "part")
     full = results[0]["full_bytes"]
     largest = max(r["local_bytes"] for r in results)
     return figure_line(
@@ -233,25 +213,26 @@ def partition_figure(inputs, work: Path, ranks: int = 2) -> str:
 def pipeline_rank(rank: int, world_size: int, inputs) -> dict:
     from calm_dist.distributed.groups import env_store
     from calm_dist.distributed.worker import run_worker
+    from calm_dist.reports import StepReport
 
-    store, _, _ = env_store(inputs.config.parallel.timeout_s)
+    store, _, _ = env_store(inputs.parallel.timeout_s)
     reports = []
-    result = run_worker(inputs, rank, world_size, store, on_step=lambda report: reports.append(asdict(report)))
+    result = run_worker(inputs, rank, world_size, store,
+                        on_report=lambda report: reports.append(asdict(report)) if isinstance(report, StepReport)
+                        else None)
     return {"role": result["role"], "reports": reports, "bytes_sent": result.get("bytes_sent")}
 
 
 def batch_shapes(inputs, steps: int) -> list[tuple[int, int]]:
     """(micro-batch, padded length) of each step of anchor rank 0: its reader, replayed."""
-    from calm_dist.train.composition import composition_reader
+    from calm_dist.distributed.worker import train_reader
 
-    reader = composition_reader(inputs.config, inputs.task_data, rank=0, world_size=1)
+    reader = train_reader(inputs, 0)
     return [tuple(next(reader)["input_ids"].shape) for _ in range(steps)]
 
 
 def wire_figure(inputs, reports: list[dict], augment_hidden: int) -> str:
-    from calm_dist.distributed.worker import plan
-
-    _, (connections,), _ = plan(inputs, 2)
+    connections = inputs.composition.connections[0]
     distinct = len({augment for augment, _ in connections})
     shapes = batch_shapes(inputs, len(reports))
     received = sum(r["bytes_received"] for r in reports)
@@ -261,7 +242,7 @@ def wire_figure(inputs, reports: list[dict], augment_hidden: int) -> str:
         bytes_per_step=received / len(reports), minimum_bytes_per_step=distinct * per_layer / len(reports),
         bridges=len(connections), distinct_tapped_layers=distinct,
         ratio_counting_each_bridge=round(received / (len(connections) * per_layer), 4),
-        steps=len(reports), augment_hidden=augment_hidden, wire_dtype=inputs.config.parallel.wire_dtype,
+        steps=len(reports), augment_hidden=augment_hidden, wire_dtype=inputs.parallel.wire_dtype,
     )
 
 
@@ -274,19 +255,19 @@ def stall_figure(inputs, reports: list[dict], warm_steps: int) -> str:
         median_wait_s=median(r["wait_s"] for r in measured), median_step_s=median(r["step_s"] for r in measured),
         max_fraction=float(f"{max(fractions):.3g}"), first_step_wait_s=reports[0]["wait_s"],
         first_step_s=reports[0]["step_s"], steps=len(measured), warm_up_steps=warm_steps,
-        pipeline_depth=inputs.config.parallel.pipeline_depth, floor=1e-6,
+        pipeline_depth=inputs.parallel.pipeline_depth, floor=1e-6,
         cpu_note=(f"{os.cpu_count()} cores shared by the anchor and augment processes (1 torch thread each) "
                   f"and other jobs; 1-min load average {load:.1f} at the end: a busy machine slows the "
                   "augment stage too, which can show up as stall"),
     )
 
 
-def pipeline_figures(inputs, mode: Mode, work: Path, augment_hidden: int) -> list[str]:
+def pipeline_figures(inputs, mode: Mode, work: Path) -> list[str]:
     results = spawn_ranks(pipeline_rank, 2, (inputs,), work / "pipeline")
     reports = next(r["reports"] for r in results if r["role"].startswith("anchor"))
     if len(reports) != mode.run_steps:
         raise RuntimeError(f"expected {mode.run_steps} step reports, got {len(reports)}")
-    return [wire_figure(inputs, reports, augment_hidden), stall_figure(inputs, reports, mode.warm_steps)]
+    return [wire_figure(inputs, reports, AUGMENT.hidden), stall_figure(inputs, reports, mode.warm_steps)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,16 +283,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     figures = claim_stdout()
     mode = QUICK if args.quick else DEFAULT
-    overrides = [f"train.max_steps={mode.run_steps}", "parallel.anchor_ranks=1", "parallel.augment_stages=1",
+    overrides = [f"composition.connections={CONNECTIONS}", f"train.max_steps={mode.run_steps}", "train.batch_size=8",
+                 "eval.batch_size=32", "parallel.anchor_ranks=1", "parallel.augment_stages=1",
                  "parallel.wire_dtype=float32", "parallel.pipeline_depth=4", "parallel.timeout_s=120"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="calm_bench_runtime_") as tmp:
         work = Path(tmp)
-        inputs, counts = prepare_inputs(work, model_spec(*mode.anchor), model_spec(*AUGMENT), overrides)
-        log(f"anchor {counts['anchor']:,} parameters, augment {counts['augment']:,}")
-        print(zero3_figure(inputs, mode, work, counts["anchor"]), file=figures)
+        _, inputs = prepare_project(work, mode.anchor, AUGMENT, overrides)
+        log(f"anchor {mode.anchor.param_count():,} parameters, augment {AUGMENT.param_count():,}")
+        print(zero3_figure(inputs, mode, work, mode.anchor.param_count()), file=figures)
         print(partition_figure(inputs, work), file=figures)
-        for line in pipeline_figures(inputs, mode, work, AUGMENT[0]):
+        for line in pipeline_figures(inputs, mode, work):
             print(line, file=figures)
     log(f"done in {time.perf_counter() - started:.1f}s")
     return 0

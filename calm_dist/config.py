@@ -108,9 +108,22 @@ class ParallelConfig:
 class DeepSpeedConfig:
     bf16: bool = False
     param_persistence_threshold: int = 100000  # anchor params smaller than this are not partitioned
-    prefetch_bucket_size: int = 50000000
-    max_live_parameters: int = 1000000000
+    # null = auto: on GPUs one anchor decoder layer ahead; on CPU none (no compute to hide a gather behind).
+    # DeepSpeed refills the bucket after every module, so prefetched weights pile up to max_live_parameters
+    prefetch_bucket_size: int | None = None
+    # null = auto: 3 anchor decoder layers (DeepSpeed's default, 1e9, lets prefetch gather a whole small anchor)
+    max_live_parameters: int | None = None
+    # a gathered parameter is kept (not re-partitioned) if the step uses it again within this many elements;
+    # DeepSpeed's default, 1e9, keeps a whole small anchor gathered from forward to backward
+    max_reuse_distance: int = 0
+    # ZeRO++: hpZ keeps a second copy of the partitions inside groups of this many ranks (a node), so the
+    # backward gathers stay inside them (1 = off; must divide parallel.anchor_ranks); qwZ gathers int8 weights
+    zero_hpz_partition_size: int = 1
+    zero_quantized_weights: bool = False
     activation_checkpointing: bool = False  # recompute anchor layers in backward
+    # the anchor's nn.Linear layers keep a reference to their weight for backward, not its gathered storage
+    # (ZeRO-3 re-gathers it there); false: plain F.linear, which keeps every gathered weight alive until backward
+    frozen_linear: bool = True
     # CPU ranks: allocate buffers >= 64 KiB with mmap so freed gathered parameters go back to the OS
     # (resident memory tracks the partitions) at the cost of page faults on every large activation.
     return_freed_memory: bool = False
@@ -295,7 +308,8 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.seed", "run.threads", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps",
     "train.weight_decay", "train.grad_clip", "data.num_proc", "deepspeed.param_persistence_threshold",
-    "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "ray.max_failures",
+    "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",
+    "ray.max_failures",
 )
 
 
@@ -328,7 +342,8 @@ def validate(config: Config) -> None:
     for key in _POSITIVE:
         _require(_get(config, key) > 0, key, f"must be > 0, got {_get(config, key)}")
     for key in _NON_NEGATIVE:
-        _require(_get(config, key) >= 0, key, f"must be >= 0, got {_get(config, key)}")
+        value = _get(config, key)
+        _require(value is None or value >= 0, key, f"must be >= 0, got {value}")
     _require(config.train.lr > 0, "train.lr", "must be > 0")
     data = config.data
     _require(data.overlong in ("drop", "truncate"), "data.overlong", f"must be drop or truncate, got {data.overlong!r}")
@@ -345,6 +360,10 @@ def validate(config: Config) -> None:
     _require(config.train.batch_size % config.parallel.anchor_ranks == 0, "train.batch_size",
              f"{config.train.batch_size} must be divisible by parallel.anchor_ranks={config.parallel.anchor_ranks} "
              "(each anchor rank takes an equal micro-batch)")
+    hpz = config.deepspeed.zero_hpz_partition_size
+    _require(hpz >= 1 and config.parallel.anchor_ranks % hpz == 0, "deepspeed.zero_hpz_partition_size",
+             f"must be >= 1 and divide parallel.anchor_ranks={config.parallel.anchor_ranks}, got {hpz} "
+             "(use the GPUs per node)")
     _require(config.run.launcher in ("ray", "local"), "run.launcher", "must be ray or local")
     _require(config.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
              "ray.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")

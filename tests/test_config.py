@@ -66,6 +66,9 @@ def test_ints_and_exponent_strings_are_accepted_for_floats():
     ("augment.every_n=0", "augment[0].every_n"),
     ("recipe={data: {}}", "recipe.name"),
     ("train=3", "train"),
+    ("deepspeed.zero_hpz_partition_size=2", "deepspeed.zero_hpz_partition_size"),  # 1 anchor rank
+    ("deepspeed.zero_hpz_partition_size=0", "deepspeed.zero_hpz_partition_size"),
+    ("deepspeed.max_live_parameters=-1", "deepspeed.max_live_parameters"),
 ])
 def test_bad_values_name_the_key(override, needle):
     overrides = [override, "parallel.anchor_ranks=2"] if override.startswith("train.batch_size") else [override]
@@ -99,3 +102,19 @@ def test_override_syntax():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     with pytest.raises(ValueError, match="key=value"):
         parse_override("train.max_steps")
+
+
+def test_zero_plus_plus_and_gather_limits_reach_deepspeed():
+    from calm_dist.distributed.zero_anchor import deepspeed_config
+
+    config = load_config(None, ["parallel.anchor_ranks=4", "train.batch_size=4", "deepspeed.zero_hpz_partition_size=2",
+                                "deepspeed.zero_quantized_weights=true"])
+    zero = deepspeed_config(config.deepspeed, config.train, 1, layer_numel=1000, on_cpu=False)["zero_optimization"]
+    assert zero["zero_hpz_partition_size"] == 2 and zero["zero_quantized_weights"] is True
+    assert zero["stage3_prefetch_bucket_size"] == 1000 and zero["stage3_max_live_parameters"] == 3000
+    assert zero["stage3_max_reuse_distance"] == 0
+    cpu = deepspeed_config(config.deepspeed, config.train, 1, layer_numel=1000, on_cpu=True)["zero_optimization"]
+    assert cpu["stage3_prefetch_bucket_size"] == 0
+    fixed = load_config(None, ["deepspeed.prefetch_bucket_size=7", "deepspeed.max_live_parameters=9"]).deepspeed
+    zero = deepspeed_config(fixed, config.train, 1, layer_numel=1000, on_cpu=True)["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 7 and zero["stage3_max_live_parameters"] == 9

@@ -7,6 +7,7 @@ state for the bridges only.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -15,9 +16,31 @@ from calm_dist.config import DeepSpeedConfig, TrainConfig
 from calm_dist.optim import OptimSettings, warmup_cosine
 
 
-def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False) -> dict:
+DEEPSPEED_PREFETCH_BUCKET, DEEPSPEED_MAX_LIVE = 50_000_000, 1_000_000_000  # DeepSpeed's own defaults
+LIVE_LAYERS = 3  # auto max_live_parameters: the layer in use, the one prefetched, and one in release
+
+
+def gather_limits(ds: DeepSpeedConfig, layer_numel: int | None, on_cpu: bool) -> tuple[int, int]:
+    """(prefetch bucket, max live parameters) in elements: the configured values, or for ``null`` (auto)
+    derived from the anchor's largest decoder layer (``layer_numel``; unknown: DeepSpeed's defaults).
+
+    DeepSpeed's prefetcher tops the bucket up again after every module, so prefetched weights accumulate
+    until ``max_live_parameters``; its default (1e9 elements) holds a whole small anchor gathered on every
+    rank. On CPU nothing overlaps a gather (measured: a step is no slower without prefetch), so auto
+    prefetches nothing there."""
+    prefetch, live = ds.prefetch_bucket_size, ds.max_live_parameters
+    if prefetch is None:
+        prefetch = 0 if on_cpu else (layer_numel or DEEPSPEED_PREFETCH_BUCKET)
+    if live is None:
+        live = LIVE_LAYERS * layer_numel if layer_numel else DEEPSPEED_MAX_LIVE
+    return prefetch, live
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False,
+                     layer_numel: int | None = None, on_cpu: bool = True) -> dict:
     """``load_universal``: the engine will load a checkpoint in DeepSpeed's universal form (written at
-    another anchor rank count)."""
+    another anchor rank count). ``layer_numel``, ``on_cpu``: for the auto gather limits (``gather_limits``)."""
+    prefetch, live = gather_limits(ds, layer_numel, on_cpu)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -26,9 +49,13 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, 
         "zero_optimization": {
             "stage": 3,
             "stage3_param_persistence_threshold": ds.param_persistence_threshold,
-            "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
-            "stage3_max_live_parameters": ds.max_live_parameters,
-            # DeepSpeed's memory-efficient linear replaces F.linear process-wide for good; not wanted here.
+            "stage3_prefetch_bucket_size": prefetch,
+            "stage3_max_live_parameters": live,
+            "stage3_max_reuse_distance": ds.max_reuse_distance,
+            "zero_hpz_partition_size": ds.zero_hpz_partition_size,
+            "zero_quantized_weights": ds.zero_quantized_weights,
+            # DeepSpeed's memory-efficient linear replaces F.linear process-wide for good; the anchor's own
+            # linear layers do the same job instead (deepspeed.frozen_linear, see frozen_linear.py).
             "memory_efficient_linear": False,
         },
         # torch's AdamW: DeepSpeed's FusedAdam would compile an op at start-up.
@@ -43,7 +70,8 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, 
 def init_deepspeed(backend: str) -> None:
     """DeepSpeed's communication layer over the anchor group that is already initialised.
 
-    On CPU DeepSpeed would JIT-compile a shared-memory all-reduce op (g++, ~35 s); gloo suffices.
+    On CPU DeepSpeed would JIT-compile a shared-memory all-reduce op (g++, ~35 s); gloo suffices. Over
+    gloo, large parameter gathers run in chunks (``chunked_gloo_all_gather``).
     """
     import importlib
 
@@ -52,6 +80,51 @@ def init_deepspeed(backend: str) -> None:
     # Not `import deepspeed.comm.torch as m`: that resolves the package attribute `torch`, i.e. torch itself.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend)
+    if backend == "gloo":
+        from deepspeed.comm import comm
+
+        if not getattr(comm.cdb.all_gather_into_tensor, "chunked", False):
+            comm.cdb.all_gather_into_tensor = chunked_gloo_all_gather(comm.cdb.all_gather_into_tensor)
+
+
+GLOO_GATHER_CHUNK_BYTES = 16 << 20
+
+
+class _Done:
+    """The handle of a collective that has already finished."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def chunked_gloo_all_gather(original, chunk_bytes: int = GLOO_GATHER_CHUNK_BYTES):
+    """DeepSpeed's ``all_gather_into_tensor`` for gloo, in pieces of at most ``chunk_bytes`` of output.
+
+    Gloo's all-gather receives into a flat buffer of its own and then copies it into the output, so
+    gathering a parameter costs twice its size; for the largest tensors (an embedding or LM head, ~9% of a
+    0.55B anchor each) that transient doubled an anchor rank's peak memory beyond its partitions. In
+    pieces, gloo's own buffer is at most ``chunk_bytes``. (NCCL gathers in place: GPUs keep the original.)
+    """
+    import torch.distributed as dist
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        size = input_tensor.numel()
+        if output_tensor.numel() * output_tensor.element_size() <= chunk_bytes or output_tensor.device.type != "cpu" \
+                or not (output_tensor.is_contiguous() and input_tensor.is_contiguous()):
+            return original(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+        world = dist.get_world_size(group)
+        rows, given = output_tensor.view(world, size), input_tensor.view(-1)
+        step = max(1, chunk_bytes // (world * input_tensor.element_size()))
+        for start in range(0, size, step):
+            end = min(start + step, size)
+            dist.all_gather([rows[rank, start:end] for rank in range(world)], given[start:end], group=group)
+        return _Done() if async_op else None
+
+    all_gather_into_tensor.chunked = True
+    return all_gather_into_tensor
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -92,8 +165,8 @@ def _model_class(hf_config):
 def load_partitioned(path: str | Path, ds_config: dict, return_freed_memory: bool = False):
     """Build the anchor straight into ZeRO-3 partitions, then fill them one parameter at a time.
 
-    No rank holds more than its partitions plus one gathered parameter (and rank 0 one open
-    shard); only anchor rank 0 reads the weight files: DeepSpeed scatters what it reads.
+    Every rank reads its own slice of each tensor (``_fill_from_checkpoint``): no rank holds more than its
+    partitions plus a few rows; every anchor rank must see the model directory.
     ``return_freed_memory``: see ``release_freed_memory_to_the_os``.
     """
     import deepspeed
@@ -118,8 +191,9 @@ def load_partitioned(path: str | Path, ds_config: dict, return_freed_memory: boo
 
 
 def _fill_from_checkpoint(model, path: Path) -> None:
-    import deepspeed
-    import torch.distributed as dist
+    """Each rank reads only its own partition of each tensor from the safetensors files (a slice of rows
+    plus at most two partial rows), straight into its ZeRO-3 partition: no rank ever holds a whole tensor
+    or a whole shard, and nothing is communicated."""
     from safetensors import safe_open
 
     parameters = dict(model.named_parameters())
@@ -127,29 +201,79 @@ def _fill_from_checkpoint(model, path: Path) -> None:
     missing = sorted(set(parameters) - set(files))
     if missing:
         raise ValueError(f"anchor checkpoint {path} has no tensors {missing[:5]}")
-    reading = dist.get_rank() == 0
-    for file in sorted(set(files.values())):  # one shard open at a time, the same order on every rank
-        handle = safe_open(file, "pt") if reading else None
-        for name in (n for n in parameters if files[n] == file):
-            with deepspeed.zero.GatheredParameters([parameters[name]], modifier_rank=0):
-                if reading:
-                    parameters[name].data.copy_(handle.get_tensor(name).to(parameters[name].dtype))
-        del handle
+    for file in sorted(set(files.values())):  # one shard open at a time
+        with safe_open(file, "pt") as handle:
+            for name in (n for n in parameters if files[n] == file):
+                _fill_partition(parameters[name], handle, name)
+
+
+def _fill_partition(parameter, handle, name: str) -> None:
+    import torch.distributed as dist
+
+    if getattr(parameter, "ds_secondary_tensor", None) is not None or not hasattr(parameter, "ds_tensor"):
+        _fill_gathered(parameter, handle, name)  # not the plain stage-3 layout: gather, copy, re-partition
+        return
+    partition = parameter.ds_tensor
+    size = partition.numel()
+    start = size * dist.get_rank(group=parameter.ds_process_group)
+    end = min(start + size, parameter.ds_numel)
+    with torch.no_grad():
+        if start < end:
+            values = _read_flat_range(handle, name, start, end, tuple(parameter.ds_shape))
+            partition[: end - start].copy_(values.to(partition.dtype))
+        partition[max(end - start, 0):].zero_()  # ZeRO-3's padding
+
+
+def _read_flat_range(handle, name: str, start: int, end: int, shape: tuple) -> torch.Tensor:
+    """Elements ``[start, end)`` of the flattened tensor ``name``, reading only the rows that hold them."""
+    tensor_slice = handle.get_slice(name)
+    stored = tuple(tensor_slice.get_shape())
+    if stored != shape:
+        raise ValueError(f"anchor tensor {name} has shape {list(stored)} in the checkpoint, the model expects "
+                         f"{list(shape)}")
+    if len(stored) <= 1:
+        return tensor_slice[start:end].reshape(-1)
+    row = math.prod(stored[1:])
+    first, last = start // row, -(-end // row)
+    rows = tensor_slice[first:last].reshape(-1)
+    offset = start - first * row
+    return rows[offset: offset + end - start]
+
+
+def _fill_gathered(parameter, handle, name: str) -> None:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+        with torch.no_grad():
+            parameter.data.copy_(handle.get_tensor(name).to(parameter.dtype))
 
 
 def configure_anchor(anchor, ds: DeepSpeedConfig):
-    """Options applied to the loaded anchor: activation checkpointing recomputes each layer in backward,
-    so autograd keeps no gathered weights alive between forward and backward."""
+    """Options applied to the loaded anchor: its linear layers save no gathered weight for backward
+    (``frozen_linear.py``); activation checkpointing recomputes each layer in backward."""
+    if ds.frozen_linear:
+        from calm_dist.distributed.frozen_linear import use_frozen_linear
+
+        use_frozen_linear(anchor)
     if ds.activation_checkpointing:
         anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return anchor
+
+
+def largest_layer_numel(anchor) -> int:
+    """Elements of the anchor's largest decoder layer (its full size, also when ZeRO-3 partitioned)."""
+    from calm_dist.model.layers import find_decoder_layers
+
+    return max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters())
+               for layer in find_decoder_layers(anchor))
 
 
 def build_engine(model, ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False):
     """deepspeed.initialize over the composed model; only the bridges reach the optimizer."""
     import deepspeed
 
-    ds_config = deepspeed_config(ds, train, micro_batch, load_universal)
+    ds_config = deepspeed_config(ds, train, micro_batch, load_universal, largest_layer_numel(model.anchor),
+                                 next(model.parameters()).device.type == "cpu")
     settings = OptimSettings.of(train)
     schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         optimizer, lambda step: warmup_cosine(step, settings))
