@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from calm_dist.identity import file_sha256
+
 from .settings import ArchitectureSettings, BaseModelSettings
 
 TRAINING_RECORD = "calm_dist_base.json"
@@ -79,14 +81,6 @@ def cache_key(base: BaseModelSettings, training_file: Path, tokenizer_dir: Path,
                        "data": file_sha256(training_file), "tokenizer": file_sha256(tokenizer_dir / "tokenizer.json")},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_saved(directory: Path) -> bool:
