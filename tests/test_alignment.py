@@ -195,14 +195,20 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def re_cut_model():
-    """Two augmenting models with their own tokenizers that re-cut their last token as text is appended."""
+def re_cut_bases():
+    """(anchor, [word-level gpt2, chunks-of-3 qwen2], the word tokenizer): base models of ``re_cut_model``."""
     words = word_tokenizer()
     anchor = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1, vocab=len(ANCHOR_TOKENIZER))
     with torch.no_grad():
         anchor.lm_head.weight[[PAD, BOS, EOS]] = 0
     augments = [tiny_model("gpt2", hidden=32, layers=4, heads=4, seed=2, vocab=len(words)),
                 tiny_model("qwen2", hidden=32, layers=4, heads=4, seed=3, vocab=len(TOKENIZERS["chunks of 3"]))]
+    return anchor, augments, words
+
+
+def re_cut_model():
+    """Two augmenting models with their own tokenizers that re-cut their last token as text is appended."""
+    anchor, augments, words = re_cut_bases()
     model = calm_dist.compose(anchor, augments, connections=[[(0, -1), (3, 2)], CONNECTIONS["chunks of 3"]],
                               shared_tokenizer=False)
     randomise_bridges(model)

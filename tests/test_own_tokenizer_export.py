@@ -13,8 +13,8 @@ import torch
 import calm_dist
 from calm_dist import CALMForCausalLM
 from calm_dist.model import generate_text
-from tests.test_alignment import ANCHOR_TOKENIZER, CONNECTIONS, TOKENIZERS, word_tokenizer
-from tests.tiny_models import BOS, EOS, PAD, randomise_bridges, tiny_model
+from tests.test_alignment import ANCHOR_TOKENIZER, CONNECTIONS, TOKENIZERS, re_cut_bases
+from tests.tiny_models import randomise_bridges
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["ab ba b", "bab", "a ab  b"]
@@ -22,12 +22,7 @@ PROMPTS = ["ab ba b", "bab", "a ab  b"]
 
 def saved_bases(root):
     """re_cut_model's base models and tokenizers, saved before composing (composing wraps the anchor's layers)."""
-    words = word_tokenizer()
-    anchor = tiny_model("llama", hidden=48, layers=3, heads=6, seed=1, vocab=len(ANCHOR_TOKENIZER))
-    with torch.no_grad():
-        anchor.lm_head.weight[[PAD, BOS, EOS]] = 0
-    augments = [tiny_model("gpt2", hidden=32, layers=4, heads=4, seed=2, vocab=len(words)),
-                tiny_model("qwen2", hidden=32, layers=4, heads=4, seed=3, vocab=len(TOKENIZERS["chunks of 3"]))]
+    anchor, augments, words = re_cut_bases()
     anchor.save_pretrained(root / "anchor")
     for index, augment in enumerate(augments):
         augment.save_pretrained(root / f"augment{index}")
