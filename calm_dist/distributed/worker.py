@@ -197,6 +197,9 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
     worker = AnchorWorker(engine, groups, source, receiver, [shape.hidden_size for shape in augment_shapes],
                           _checkpointer(inputs, engine, model), columns)
     losses = worker.run(run_units(inputs, source.evaluations), on_report)
+    # The prefetcher may have left the next layers in flight when the last unit ended; a later gather
+    # (the caller's, of the bridges) asserts on in-flight parameters, so every parameter is released here.
+    engine.empty_partition_cache()
     return {"role": groups.role.name, "losses": losses, "engine": engine, "optimizer": optimizer, "model": model}
 
 
