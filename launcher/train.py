@@ -28,8 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/example_composition.yaml")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. train.max_steps=100 parallel.anchor_ranks=2")
+    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.max_steps=100 parallel.anchor_ranks=2 "
+                             "(--set may be repeated)")
     return parser.parse_args(argv)
 
 

@@ -33,6 +33,14 @@ def test_dotted_overrides_reach_the_tree():
     assert config.data.eval == {"a": "/d/a.jsonl", "b": "/d/b.parquet"}
 
 
+def test_repeated_set_flags_all_apply():
+    from launcher.train import parse_args
+
+    arguments = parse_args(["--config", "c.yaml", "--set", "train.max_steps=7", "eval.every_steps=2",
+                            "--set", "run.launcher=local"])
+    assert arguments.overrides == ["train.max_steps=7", "eval.every_steps=2", "run.launcher=local"]
+
+
 def test_one_or_several_augmenting_models(tmp_path):
     path = tmp_path / "several.yaml"
     path.write_text("augment:\n  - model: {path: /m/a}\n  - model: {path: /m/b}\n    connections: [[2, 0]]\n"

@@ -135,6 +135,14 @@ def die_with_parent(parent: int) -> None:
             os._exit(1)
 
 
+def _start_pool_worker(parent: int) -> None:
+    """A spawned pretraining process is a fresh interpreter: it dies with the driver and is as quiet."""
+    from calm_dist.quiet import quiet_libraries
+
+    die_with_parent(parent)
+    quiet_libraries()
+
+
 def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> list[Path]:
     """Each task's model directory; trains the missing ones (two side by side when there are two and
     at least two threads)."""
@@ -145,7 +153,7 @@ def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> li
     if len(missing) == 2 and all_threads >= 2:
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager, ProcessPoolExecutor(max_workers=2, mp_context=context,
-                                                               initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+                                                               initializer=_start_pool_worker, initargs=(os.getpid(),)) as pool:
             done = [manager.Event() for _ in missing]
             futures = [pool.submit(pretrain, task, data, 1, done[index], done[1 - index], all_threads)
                        for index, (task, data) in enumerate(zip(missing, prepared))]
