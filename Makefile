@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m launcher.train --config $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
