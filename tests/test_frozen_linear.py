@@ -108,7 +108,9 @@ def _gather_rank(rank: int, world: int, port: int, queue) -> None:
     handle.wait()
     small = torch.empty(2 * world)
     gather(small, torch.full((2,), float(rank)))
-    queue.put((rank, out, small, len(calls)))
+    # plain lists: a tensor crosses a queue as a shared-memory handle, which is gone if this process exits
+    # before the parent has read it
+    queue.put((rank, out.tolist(), small.tolist(), len(calls)))
     dist.destroy_process_group()
 
 
@@ -123,10 +125,14 @@ def test_chunked_gloo_all_gather_equals_one_gather():
     processes = [context.Process(target=_gather_rank, args=(rank, 2, port, queue)) for rank in range(2)]
     for process in processes:
         process.start()
-    results = [queue.get(timeout=60) for _ in processes]
-    for process in processes:
-        process.join(30)
+    try:
+        results = [queue.get(timeout=60) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
     expected = torch.cat([torch.arange(37, dtype=torch.float32) + 100 * rank for rank in range(2)])
     for rank, out, small, originals in results:
-        assert torch.equal(out, expected)  # gathered in 64-byte pieces
-        assert torch.equal(small, torch.tensor([0.0, 0.0, 1.0, 1.0])) and originals == 1  # small: one gather
+        assert out == expected.tolist()  # gathered in 64-byte pieces
+        assert small == [0.0, 0.0, 1.0, 1.0] and originals == 1  # small: one gather
