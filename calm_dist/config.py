@@ -111,7 +111,7 @@ class DeepSpeedConfig:
     # null = auto: on GPUs one anchor decoder layer ahead; on CPU none (no compute to hide a gather behind).
     # DeepSpeed refills the bucket after every module, so prefetched weights pile up to max_live_parameters
     prefetch_bucket_size: int | None = None
-    # null = auto: 3 anchor decoder layers (DeepSpeed's default, 1e9, lets prefetch gather a whole small anchor)
+    # null = auto: 3 anchor decoder layers, 1 on CPU (DeepSpeed's default, 1e9, lets prefetch gather a whole small anchor)
     max_live_parameters: int | None = None
     # a gathered parameter is kept (not re-partitioned) if the step uses it again within this many elements;
     # DeepSpeed's default, 1e9, keeps a whole small anchor gathered from forward to backward

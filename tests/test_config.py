@@ -120,6 +120,8 @@ def test_zero_plus_plus_and_gather_limits_reach_deepspeed():
     zero = deepspeed_config(config.deepspeed, config.train, 1, layer_numel=1000)["zero_optimization"]
     assert zero["zero_hpz_partition_size"] == 2 and zero["zero_quantized_weights"] is True
     assert zero["stage3_prefetch_bucket_size"] == 1000 and zero["stage3_max_live_parameters"] == 3000
+    on_cpu = deepspeed_config(config.deepspeed, config.train, 1, layer_numel=1000, on_cpu=True)["zero_optimization"]
+    assert on_cpu["stage3_prefetch_bucket_size"] == 1000 and on_cpu["stage3_max_live_parameters"] == 1000
     assert zero["stage3_max_reuse_distance"] == 0
     fixed = load_config(None, ["deepspeed.prefetch_bucket_size=7", "deepspeed.max_live_parameters=9"]).deepspeed
     zero = deepspeed_config(fixed, config.train, 1, layer_numel=1000)["zero_optimization"]

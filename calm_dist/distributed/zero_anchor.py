@@ -17,31 +17,33 @@ from calm_dist.optim import OptimSettings, warmup_cosine
 
 
 DEEPSPEED_PREFETCH_BUCKET, DEEPSPEED_MAX_LIVE = 50_000_000, 1_000_000_000  # DeepSpeed's own defaults
-LIVE_LAYERS = 3  # auto max_live_parameters: the layer in use, the one prefetched, and one in release
+LIVE_LAYERS = 3  # auto max_live_parameters on accelerators: the layer in use, the one prefetched, one in release
+CPU_LIVE_LAYERS = 1  # on CPU no gather overlaps compute, so nothing is gained by holding more
 
 
-def gather_limits(ds: DeepSpeedConfig, layer_numel: int | None) -> tuple[int, int]:
+def gather_limits(ds: DeepSpeedConfig, layer_numel: int | None, on_cpu: bool = False) -> tuple[int, int]:
     """(prefetch bucket, max live parameters) in elements: the configured values, or for ``null`` (auto)
     derived from the anchor's largest decoder layer (``layer_numel``; unknown: DeepSpeed's defaults).
 
     DeepSpeed's prefetcher tops the bucket up again after every module, so prefetched weights accumulate
     until ``max_live_parameters``; its default (1e9 elements) holds a whole small anchor gathered on every
-    rank. Auto prefetches one layer, on CPU too: with a prefetch bucket of 0 DeepSpeed's fetch queue stays
-    empty while its trace is complete, and the first step after a resume fails with "tracing error"
-    (tests/test_driver_restart.py)."""
+    rank. Each layer of that limit is a layer's weights in every rank's peak (0.05 of a 16-layer anchor;
+    docs/scaling.md). Auto prefetches one layer, on CPU too: with a prefetch bucket of 0 DeepSpeed's fetch
+    queue stays empty while its trace is complete, and the first step after a resume fails with "tracing
+    error" (tests/test_driver_restart.py)."""
     prefetch, live = ds.prefetch_bucket_size, ds.max_live_parameters
     if prefetch is None:
         prefetch = layer_numel or DEEPSPEED_PREFETCH_BUCKET
     if live is None:
-        live = LIVE_LAYERS * layer_numel if layer_numel else DEEPSPEED_MAX_LIVE
+        live = (CPU_LIVE_LAYERS if on_cpu else LIVE_LAYERS) * layer_numel if layer_numel else DEEPSPEED_MAX_LIVE
     return prefetch, live
 
 
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False,
-                     layer_numel: int | None = None) -> dict:
+                     layer_numel: int | None = None, on_cpu: bool = False) -> dict:
     """``load_universal``: the engine will load a checkpoint in DeepSpeed's universal form (written at
-    another anchor rank count). ``layer_numel``: for the auto gather limits (``gather_limits``)."""
-    prefetch, live = gather_limits(ds, layer_numel)
+    another anchor rank count). ``layer_numel``, ``on_cpu``: for the auto gather limits (``gather_limits``)."""
+    prefetch, live = gather_limits(ds, layer_numel, on_cpu)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -273,7 +275,8 @@ def build_engine(model, ds: DeepSpeedConfig, train: TrainConfig, micro_batch: in
     """deepspeed.initialize over the composed model; only the bridges reach the optimizer."""
     import deepspeed
 
-    ds_config = deepspeed_config(ds, train, micro_batch, load_universal, largest_layer_numel(model.anchor))
+    ds_config = deepspeed_config(ds, train, micro_batch, load_universal, largest_layer_numel(model.anchor),
+                                 next(model.parameters()).device.type == "cpu")
     settings = OptimSettings.of(train)
     schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         optimizer, lambda step: warmup_cosine(step, settings))
