@@ -108,7 +108,7 @@ class ParallelConfig:
 class DeepSpeedConfig:
     bf16: bool = False
     param_persistence_threshold: int = 100000  # anchor params smaller than this are not partitioned
-    # null = auto: on GPUs one anchor decoder layer ahead; on CPU none (no compute to hide a gather behind).
+    # null = auto: one anchor decoder layer ahead, on CPU too (with 0 DeepSpeed's trace fails on resume).
     # DeepSpeed refills the bucket after every module, so prefetched weights pile up to max_live_parameters
     prefetch_bucket_size: int | None = None
     # null = auto: 3 anchor decoder layers, 1 on CPU (DeepSpeed's default, 1e9, lets prefetch gather a whole small anchor)

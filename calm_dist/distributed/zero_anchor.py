@@ -34,8 +34,10 @@ def gather_limits(ds: DeepSpeedConfig, layer_numel: int | None, on_cpu: bool = F
     prefetch, live = ds.prefetch_bucket_size, ds.max_live_parameters
     if prefetch is None:
         prefetch = layer_numel or DEEPSPEED_PREFETCH_BUCKET
-    if live is None:
-        live = (CPU_LIVE_LAYERS if on_cpu else LIVE_LAYERS) * layer_numel if layer_numel else DEEPSPEED_MAX_LIVE
+    if live is None and not layer_numel:
+        live = DEEPSPEED_MAX_LIVE
+    elif live is None:
+        live = (CPU_LIVE_LAYERS if on_cpu else LIVE_LAYERS) * layer_numel
     return prefetch, live
 
 
