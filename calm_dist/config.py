@@ -56,6 +56,7 @@ class CompositionConfig:
     every_n: int | None = None  # the default of every augmenting model (null and no connections: 4)
     connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]; 0-based, anchor -1 = embeddings
     relative_scale: bool = False  # bridge output scaled by the anchor's per-token RMS (see README)
+    seed: int | None = None  # the bridges' initial weights and the order of training batches; null = run.seed
 
 
 @dataclass
@@ -296,6 +297,13 @@ def config_from_dict(tree: dict) -> Config:
     return config
 
 
+def composition_seed(config: Config) -> int:
+    """What seeds the bridges' initial weights and the training batches' order: ``composition.seed``, else
+    ``run.seed`` (which alone seeds data preparation and held-out splits, so a second composition seed
+    keeps the data and the base models)."""
+    return config.run.seed if config.composition.seed is None else config.composition.seed
+
+
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
@@ -306,7 +314,7 @@ _POSITIVE = (
     "parallel.timeout_s",
 )
 _NON_NEGATIVE = (
-    "run.seed", "run.threads", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps",
+    "run.seed", "composition.seed", "run.threads", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps",
     "train.weight_decay", "train.grad_clip", "data.num_proc", "deepspeed.param_persistence_threshold",
     "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",
     "ray.max_failures",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from calm_dist.checkpoint import prepare_checkpointing, run_identity
-from calm_dist.config import Config, augment_stages, stages_key, to_dict
+from calm_dist.config import Config, augment_stages, composition_seed, stages_key, to_dict
 from calm_dist.distributed.worker import AugmentModelInputs, RunInputs, RuntimeData, plan
 from calm_dist.train.job import PreparedJob
 
@@ -42,7 +42,7 @@ def runtime_inputs(job: PreparedJob, checkpoints: str | None = None, identity: d
                        job.data.augment_columns, job.data.pad_ids)
     if checkpoints is not None and "://" not in checkpoints:
         checkpoints = _absolute(checkpoints)
-    return RunInputs(config.train, config.eval, config.parallel, config.deepspeed, config.checkpoint, config.run.seed,
+    return RunInputs(config.train, config.eval, config.parallel, config.deepspeed, config.checkpoint, composition_seed(config),
                      _absolute(job.models.anchor_dir), augments, job.models.composition, data, checkpoints, identity,
                      resume)
 

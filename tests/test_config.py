@@ -126,3 +126,20 @@ def test_zero_plus_plus_and_gather_limits_reach_deepspeed():
     fixed = load_config(None, ["deepspeed.prefetch_bucket_size=7", "deepspeed.max_live_parameters=9"]).deepspeed
     zero = deepspeed_config(fixed, config.train, 1, layer_numel=1000)["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 7 and zero["stage3_max_live_parameters"] == 9
+
+
+def test_composition_seed_defaults_to_run_seed_and_leaves_data_seeded_by_it():
+    from calm_dist.config import composition_seed
+    from calm_dist.model.layers import ModelShape, SavedModelFacts
+    from calm_dist.train.models import resolve_composition
+
+    def facts(layers):
+        return SavedModelFacts(ModelShape(layers, 32, 4, 100), (1,) * layers, layers, None, "llama")
+
+    default, second = load_config(None, ["run.seed=3"]), load_config(None, ["run.seed=3", "composition.seed=11"])
+    assert (composition_seed(default), composition_seed(second)) == (3, 11)
+    assert resolve_composition(default, facts(4), [facts(4)]).seed == 3
+    assert resolve_composition(second, facts(4), [facts(4)]).seed == 11
+    assert second.run.seed == 3  # data preparation, eval splits and recipes' base models keep theirs
+    with pytest.raises(ValueError, match="composition.seed"):
+        load_config(None, ["composition.seed=-1"])

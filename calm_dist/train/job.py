@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import data_pipeline as dp
-from calm_dist.config import Config, to_dict
+from calm_dist.config import Config, composition_seed, to_dict
 from calm_dist.identity import weights_checksum
 from calm_dist.reports import EvalReport, StepReport
 from calm_dist.train.models import ModelPlan, load_causal_lm, plan_models
@@ -216,7 +216,7 @@ def run_local_job(config: Config, log=print) -> Path:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # one process does not resume: a rerun starts afresh
     logger = MetricsLogger(run_dir)
     try:
-        train_in_process(model, job.data, LoopSettings(config.train, config.eval, config.run.seed),
+        train_in_process(model, job.data, LoopSettings(config.train, config.eval, composition_seed(config)),
                          lambda report: logger.log(report.record()))
     finally:
         logger.close()

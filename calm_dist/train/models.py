@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calm_dist.config import Config, ModelSource
+from calm_dist.config import Config, ModelSource, composition_seed
 from calm_dist.model.alignment import tokenizer_difference
 from calm_dist.model.composed import CompositionSpec
 from calm_dist.model.connections import resolve_connections
@@ -99,7 +99,7 @@ def resolve_composition(config: Config, anchor: SavedModelFacts, augments: list[
                 None if pairs is None else [tuple(p) for p in pairs])))
         except ValueError as error:
             raise ValueError(f"config key '{key}.{'connections' if pairs is not None else 'every_n'}': {error}") from None
-    return CompositionSpec(tuple(per_model), config.composition.relative_scale, config.run.seed,
+    return CompositionSpec(tuple(per_model), config.composition.relative_scale, composition_seed(config),
                            own_tokenizer if any(own_tokenizer) else ())
 
 
