@@ -419,8 +419,8 @@ def check_resumable(meta: dict, identity: dict) -> None:
                 f"{side} model is now {now['path']} (sha256 {now['sha256'][:12]}…): its composition weights only fit "
                 "the models they were trained with. Restore those weights, or start a new run (another run.name "
                 "or checkpoint.dir).")
-    _require_same(where, "the composition (connections, relative_scale, composition.seed or run.seed)", meta["composition"],
-                  identity["composition"])
+    _require_same(where, "the composition (connections, relative_scale, composition.seed or run.seed)",
+                  meta["composition"], identity["composition"])
     _require_same(where, "the data (data.* and the files they name)", meta["data"], identity["data"])
     _require_same(where, "train.batch_size", meta["config"]["train"]["batch_size"],
                   identity["config"]["train"]["batch_size"])

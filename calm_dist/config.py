@@ -314,7 +314,8 @@ _POSITIVE = (
     "parallel.timeout_s",
 )
 _NON_NEGATIVE = (
-    "run.seed", "composition.seed", "run.threads", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps",
+    "run.seed", "composition.seed", "run.threads", "train.warmup_steps", "eval.every_steps",
+    "checkpoint.every_steps",
     "train.weight_decay", "train.grad_clip", "data.num_proc", "deepspeed.param_persistence_threshold",
     "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",
     "ray.max_failures",

@@ -42,7 +42,8 @@ def runtime_inputs(job: PreparedJob, checkpoints: str | None = None, identity: d
                        job.data.augment_columns, job.data.pad_ids)
     if checkpoints is not None and "://" not in checkpoints:
         checkpoints = _absolute(checkpoints)
-    return RunInputs(config.train, config.eval, config.parallel, config.deepspeed, config.checkpoint, composition_seed(config),
+    return RunInputs(config.train, config.eval, config.parallel, config.deepspeed, config.checkpoint,
+                     composition_seed(config),
                      _absolute(job.models.anchor_dir), augments, job.models.composition, data, checkpoints, identity,
                      resume)
 

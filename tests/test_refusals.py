@@ -182,7 +182,8 @@ def cases(project: UserProject, made: dict[str, Path], root: Path) -> list[Case]
              r"checkpoint step_0+2 was trained with train.batch_size=8, this run has 16: resume with the same value, "
              r"or start a new run", ("train.batch_size=16",), earlier_checkpoint=True),
         Case("resume-composition", "resume", "resuming with other connections",
-             r"checkpoint step_0+2 was trained with the composition \(connections, relative_scale, composition.seed or run.seed\)=",
+             r"checkpoint step_0+2 was trained with the composition "
+             r"\(connections, relative_scale, composition.seed or run.seed\)=",
              ("composition.connections=[[0, 0], [3, 2]]",), earlier_checkpoint=True),
         Case("resume-data", "resume", "resuming on other data settings",
              r"checkpoint step_0+2 was trained with the data \(data.\* and the files they name\)=",

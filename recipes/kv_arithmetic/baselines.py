@@ -123,7 +123,8 @@ def train_row(inputs: RowInputs, row: str, statistics: BatchStatistics, paramete
     the row's own metrics file and TensorBoard directory. ``data``: D_C as the row reads it (default the
     job's), its batches carrying every augmenting model's own tokenisation."""
     config, data = inputs.config, data or inputs.data
-    reader = dp.ShardedReader(data.train, config.train.batch_size, seed=composition_seed(config), pad_id=data.pad_id,
+    reader = dp.ShardedReader(data.train, config.train.batch_size, seed=composition_seed(config),
+                              pad_id=data.pad_id,
                               layout=dp.anchor_layout(data.augment_columns, data.pad_ids))
     (inputs.run_dir / metrics_filename(row)).unlink(missing_ok=True)  # rows never resume: a rerun logs afresh
     logger = MetricsLogger(inputs.run_dir, metrics_filename(row), tensorboard_dir=f"tensorboard/{row}")
