@@ -3,6 +3,7 @@ to end through the real CLI (`python -m launcher.train --config configs/tiny.yam
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -205,39 +206,55 @@ def test_bad_override_fails_before_anything_runs(tmp_path):
 
 DRIVER_THAT_DIES = """
 import os, signal, sys, time
-from concurrent.futures import ProcessPoolExecutor
-import multiprocessing
-from recipes.kv_arithmetic.pretrain import die_with_parent
+from recipes.kv_arithmetic.pretrain import side_by_side_pool
+
+
+def children(parent):
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(entry)
+    return found
+
 
 if __name__ == "__main__":
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=die_with_parent,
-                               initargs=(os.getpid(),))
-    with open(sys.argv[1], "w") as out:
-        out.write(str(pool.submit(os.getpid).result()))  # the worker is up and armed
+    pool = side_by_side_pool()
+    started = [pool.submit(time.sleep, 0.5) for _ in range(2)]
+    [future.result() for future in started]  # both workers are up and armed
     pool.submit(time.sleep, 600)
+    with open(sys.argv[1], "w") as out:
+        out.write(" ".join(children(os.getpid())))
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_pretraining_workers_die_with_a_killed_driver(tmp_path):
-    """Base models pretrain in a process pool: a driver killed by SIGKILL must not leave them training on."""
+    """Base models pretrain in a process pool: a driver killed by SIGKILL must leave no process of it behind
+    (not a worker training on, nor a helper such as a ``multiprocessing.Manager``'s server)."""
     import time
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER_THAT_DIES)
     root = Path(__file__).resolve().parents[1]
-    worker_pid, log = tmp_path / "worker.pid", tmp_path / "driver.log"
+    children_file, log = tmp_path / "children", tmp_path / "driver.log"
     with log.open("w") as output:  # a file, not a pipe: a surviving worker would hold a pipe open
-        done = subprocess.run([sys.executable, str(script), str(worker_pid)], stdout=output, stderr=output,
+        done = subprocess.run([sys.executable, str(script), str(children_file)], stdout=output, stderr=output,
                               timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == -9, log.read_text()
-    worker = int(worker_pid.read_text())
+    children = [int(pid) for pid in children_file.read_text().split()]
+    assert len(children) >= 2, children  # the two workers at least
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _alive(worker):
+    while time.monotonic() < deadline and any(map(_alive, children)):
         time.sleep(0.2)
-    assert not _alive(worker), f"pool worker {worker} outlived its killed driver"
+    survivors = [pid for pid in children if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"processes {survivors} outlived their killed driver"
 
 
 def _alive(pid: int) -> bool:

@@ -135,12 +135,31 @@ def die_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _start_pool_worker(parent: int) -> None:
+_finished_events: tuple = ()  # in a side-by-side worker: one event per model, set when it is trained
+
+
+def _start_pool_worker(parent: int, finished: tuple) -> None:
     """A spawned pretraining process is a fresh interpreter: it dies with the driver and is as quiet."""
     from calm_dist.quiet import quiet_libraries
 
+    global _finished_events
     die_with_parent(parent)
     quiet_libraries()
+    _finished_events = finished
+
+
+def side_by_side_pool() -> ProcessPoolExecutor:
+    """Two spawned workers that die with this process. The events that hand threads over reach them at start:
+    a ``multiprocessing.Manager``, the other way to share events with a pool, runs a server process that
+    outlives a killed driver."""
+    context = multiprocessing.get_context("spawn")
+    finished = (context.Event(), context.Event())
+    return ProcessPoolExecutor(max_workers=2, mp_context=context, initializer=_start_pool_worker,
+                               initargs=(os.getpid(), finished))
+
+
+def _pretrain_side_by_side(index: int, task: PretrainTask, data: dp.PreparedData, all_threads: int):
+    return pretrain(task, data, 1, _finished_events[index], _finished_events[1 - index], all_threads)
 
 
 def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> list[Path]:
@@ -151,11 +170,8 @@ def ensure_trained(tasks: list[PretrainTask], threads: int = 0, log=print) -> li
     prepared = [tokenised(task, log) for task in missing]
     all_threads = threads or torch.get_num_threads()
     if len(missing) == 2 and all_threads >= 2:
-        context = multiprocessing.get_context("spawn")
-        with context.Manager() as manager, ProcessPoolExecutor(max_workers=2, mp_context=context,
-                                                               initializer=_start_pool_worker, initargs=(os.getpid(),)) as pool:
-            done = [manager.Event() for _ in missing]
-            futures = [pool.submit(pretrain, task, data, 1, done[index], done[1 - index], all_threads)
+        with side_by_side_pool() as pool:
+            futures = [pool.submit(_pretrain_side_by_side, index, task, data, all_threads)
                        for index, (task, data) in enumerate(zip(missing, prepared))]
             for future in futures:
                 future.result()
