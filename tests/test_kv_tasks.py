@@ -312,6 +312,29 @@ def test_task_files_keep_the_papers_structure(task_files):
         assert not {r["prompt"] for r in rows[name]} & seen_in_training, name
 
 
+def test_fresh_numeric_examples_in_dc_reach_beyond_m_bs_data_but_never_the_evaluation(tmp_path):
+    settings = dataclasses.replace(SMALL, composition_train_examples=2000, composition_numeric_fraction=0.5,
+                                   composition_numeric_fresh=True)
+    files = prepare_task_files(tmp_path, settings, seed=0)
+    numeric_in_dc = {r["prompt"] for r in read(files, "composition_train") if not used_keys(r)}
+    anchor_train = {r["prompt"] for r in read(files, "anchor_train")}
+    assert len([r for r in read(files, "composition_train") if not used_keys(r)]) == 1000
+    assert numeric_in_dc - anchor_train and numeric_in_dc & anchor_train
+    assert not numeric_in_dc & {r["prompt"] for r in read(files, "numeric_arithmetic")}
+
+
+def test_sampling_with_replacement_skips_excluded_prompts():
+    everything = tasks.make_examples("numeric_arithmetic", 400, seed=1, value_max=2, max_operands=2)
+    excluded = {example["prompt"] for example in everything[:5]}
+    drawn = tasks.make_examples("numeric_arithmetic", 400, seed=1, value_max=2, max_operands=2, exclude=excluded)
+    assert len(drawn) == 400 and not {example["prompt"] for example in drawn} & excluded
+    space = tasks.expression_space_size(3, 2, 2)
+    every_prompt = {example["prompt"] for example in everything}
+    assert len(every_prompt) == space
+    with pytest.raises(ValueError, match="excluded"):
+        tasks.make_examples("numeric_arithmetic", 1, seed=1, value_max=2, max_operands=2, exclude=every_prompt)
+
+
 def test_task_files_are_written_once_per_setting(task_files):
     cache = task_files.directory.parent.parent
     stamps = {p.name: p.stat().st_mtime_ns for p in task_files.directory.iterdir()}

@@ -37,6 +37,9 @@ class TaskSettings:
     augment_number_operand_prob: float = 0.0
     # Fraction of D_C that is plain Numeric-Arithmetic (0 = the paper's D_C, KV-Arithmetic only).
     composition_numeric_fraction: float = 0.0
+    # Where those come from: False = m_B's own training set (expressions it fits); True = drawn afresh from
+    # every Numeric expression but the evaluation set's, so D_C also holds expressions m_B never saw.
+    composition_numeric_fresh: bool = False
     eval_examples: int = 400  # per evaluation set
 
 

@@ -142,7 +142,11 @@ def generate_splits(data: TaskSettings, seed: int) -> tuple[dict[str, list[dict[
     n_numeric = int(round(n_dc * data.composition_numeric_fraction))
     splits[COMPOSITION_TRAIN], heldin_eval = tasks.make_train_eval(
         KV_ARITHMETIC, n_dc - n_numeric, n_eval, seed=seed + 20, train_keys=split.heldin, **common)
-    if n_numeric:  # plain Numeric examples from m_B's training set: never an evaluation expression
+    if n_numeric and data.composition_numeric_fresh:  # never an evaluation expression
+        splits[COMPOSITION_TRAIN] += tasks.make_examples(
+            NUMERIC_ARITHMETIC, n_numeric, seed=seed + 22, exclude={example["prompt"] for example in numeric_eval},
+            **common)
+    elif n_numeric:  # from m_B's training set: never an evaluation expression
         rng = random.Random(seed + 21)
         splits[COMPOSITION_TRAIN] += [rng.choice(splits[ANCHOR_TRAIN]) for _ in range(n_numeric)]
     splits[KV_SUBSTITUTION] = substitution_eval

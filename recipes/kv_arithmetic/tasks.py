@@ -190,20 +190,21 @@ def make_examples(
 ) -> list[dict[str, str]]:
     """``n`` examples of ``task`` whose key operands come from ``keys``.
 
-    ``distinct=False`` samples with replacement (training sets). ``distinct=True``
-    returns ``n`` different prompts, none of them in ``exclude`` (evaluation sets),
-    and raises ValueError when the expression space cannot supply that many.
+    ``distinct=False`` samples with replacement (training sets), none of them in ``exclude``.
+    ``distinct=True`` returns ``n`` different prompts, none of them in ``exclude`` (evaluation
+    sets), and raises ValueError when the expression space cannot supply that many.
     """
     _check_task_args(task, keys, value_max, min_operands, max_operands)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"{task}:{seed}")  # str seeds are hashed with sha512: stable
     pool = _operand_pool(task, keys, value_max)
-    if not distinct:
-        draws = (_random_expression(rng, pool, min_operands, max_operands) for _ in range(n))
-        return [format_example(task, operands, ops, keys or {}) for operands, ops in draws]
     space = expression_space_size(len(pool), min_operands, max_operands)
     excluded = set(exclude)
+    if not distinct:
+        if excluded and len(excluded) >= space:
+            raise ValueError(f"cannot draw {task} prompts: all {space} distinct expressions are excluded")
+        return _drawn_with_replacement(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded)
     if n > space:
         raise ValueError(
             f"cannot draw {n} distinct {task} prompts: only {space} distinct expressions "
@@ -214,6 +215,15 @@ def make_examples(
     if 2 * (n + len(excluded)) <= space or space > _ENUMERATION_LIMIT:
         sampler = _distinct_by_rejection
     return sampler(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded, space)
+
+
+def _drawn_with_replacement(task, n, rng, pool, keys, operand_range, excluded):
+    examples: list[dict[str, str]] = []
+    while len(examples) < n:
+        example = format_example(task, *_random_expression(rng, pool, *operand_range), keys)
+        if example["prompt"] not in excluded:
+            examples.append(example)
+    return examples
 
 
 def _distinct_by_rejection(task, n, rng, pool, keys, operand_range, excluded, space):
