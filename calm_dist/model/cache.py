@@ -205,6 +205,6 @@ class CALMCache(Cache):
             cache.reset()
         self.bridges = [ProjectedKV() for _ in self.bridges]
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         for cache in self._model_caches():
-            cache.activate_past_recording()
+            cache.activate_past_recording(**kwargs)
