@@ -316,9 +316,9 @@ def test_fresh_numeric_examples_in_dc_reach_beyond_m_bs_data_but_never_the_evalu
     settings = dataclasses.replace(SMALL, composition_train_examples=2000, composition_numeric_fraction=0.5,
                                    composition_numeric_fresh=True)
     files = prepare_task_files(tmp_path, settings, seed=0)
-    numeric_in_dc = {r["prompt"] for r in read(files, "composition_train") if not used_keys(r)}
-    anchor_train = {r["prompt"] for r in read(files, "anchor_train")}
-    assert len([r for r in read(files, "composition_train") if not used_keys(r)]) == 1000
+    numeric_rows = [r["prompt"] for r in read(files, "composition_train") if not used_keys(r)]
+    numeric_in_dc, anchor_train = set(numeric_rows), {r["prompt"] for r in read(files, "anchor_train")}
+    assert len(numeric_rows) == 1000
     assert numeric_in_dc - anchor_train and numeric_in_dc & anchor_train
     assert not numeric_in_dc & {r["prompt"] for r in read(files, "numeric_arithmetic")}
 

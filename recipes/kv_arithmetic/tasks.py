@@ -202,7 +202,7 @@ def make_examples(
     space = expression_space_size(len(pool), min_operands, max_operands)
     excluded = set(exclude)
     if not distinct:
-        if excluded and len(excluded) >= space:
+        if len(excluded) >= space:
             raise ValueError(f"cannot draw {task} prompts: all {space} distinct expressions are excluded")
         return _drawn_with_replacement(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded)
     if n > space:
