@@ -107,6 +107,7 @@ class ParallelConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # bf16 frozen base models and bridge compute, fp32 bridge weights and optimizer state; every launcher
     bf16: bool = False
     param_persistence_threshold: int = 100000  # anchor params smaller than this are not partitioned
     # null = auto: one anchor decoder layer ahead, on CPU too (with 0 DeepSpeed's trace fails on resume).

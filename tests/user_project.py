@@ -176,8 +176,8 @@ def single_process_run(job):
     model = build_local_model(job)
     reports = []
     config = job.config
-    train_in_process(model, job.data, LoopSettings(config.train, config.eval, config.run.seed), reports.append,
-                     show_progress=False)
+    settings = LoopSettings(config.train, config.eval, config.run.seed, config.deepspeed.bf16)
+    train_in_process(model, job.data, settings, reports.append, show_progress=False)
     losses = [r.loss for r in reports if not isinstance(r, EvalReport)]
     evaluations = {(r.step, r.name): r for r in reports if isinstance(r, EvalReport)}
     return losses, evaluations, model.composition_state_dict()

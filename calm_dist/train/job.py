@@ -195,11 +195,14 @@ def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], 
 
 
 def build_local_model(job: PreparedJob):
-    """The composed model over the job's saved models, in this process."""
+    """The composed model over the job's saved models, in this process; with ``deepspeed.bf16`` the frozen base
+    models are loaded in bf16 (the bridges stay fp32: ``LoopSettings.bf16``)."""
     from calm_dist.model.layers import model_shape
 
-    anchor = load_causal_lm(job.models.anchor_dir, "anchor.model.path")
-    augments = [load_causal_lm(path, f"augment[{index}].model.path") for index, path in enumerate(job.models.augment_dirs)]
+    dtype = torch.bfloat16 if job.config.deepspeed.bf16 else None
+    anchor = load_causal_lm(job.models.anchor_dir, "anchor.model.path", dtype)
+    augments = [load_causal_lm(path, f"augment[{index}].model.path", dtype)
+                for index, path in enumerate(job.models.augment_dirs)]
     return job.models.composition.build(anchor, augments, [model_shape(model) for model in augments])
 
 
@@ -216,8 +219,8 @@ def run_local_job(config: Config, log=print) -> Path:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # one process does not resume: a rerun starts afresh
     logger = MetricsLogger(run_dir)
     try:
-        train_in_process(model, job.data, LoopSettings(config.train, config.eval, composition_seed(config)),
-                         lambda report: logger.log(report.record()))
+        settings = LoopSettings(config.train, config.eval, composition_seed(config), config.deepspeed.bf16)
+        train_in_process(model, job.data, settings, lambda report: logger.log(report.record()))
     finally:
         logger.close()
     timer.mark("composition")

@@ -27,6 +27,21 @@ class LoopSettings:
     train: TrainConfig
     eval: EvalConfig
     seed: int  # the order of the training rows
+    # the model's frozen base models are bf16 (``deepspeed.bf16``): every forward runs under bf16 autocast, so
+    # the bridges compute in bf16 as on the anchor ranks while their weights and optimizer state stay fp32
+    bf16: bool = False
+
+
+def _in_precision(statistics, bf16: bool, device_type: str):
+    """``statistics`` run under bf16 autocast when ``bf16`` (the loss itself is computed in fp32)."""
+    if not bf16:
+        return statistics
+
+    def autocast_statistics(batch):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return statistics(batch)
+
+    return autocast_statistics
 
 
 def train_in_process(model, data: dp.PreparedData, settings: LoopSettings, on_report: Report,
@@ -42,7 +57,8 @@ def train_in_process(model, data: dp.PreparedData, settings: LoopSettings, on_re
                    for name in data.eval_names}
     parameters = model.trainable_parameters()
     optimizer, schedule = make_optimizer(parameters, OptimSettings.of(settings.train))
-    statistics = calm_statistics(model, data.augment_columns)
+    statistics = _in_precision(calm_statistics(model, data.augment_columns), settings.bf16,
+                               next(model.parameters()).device.type)
     totals = EvalTotals()
     bar = tqdm(total=settings.train.max_steps, desc="composition", disable=not show_progress, dynamic_ncols=True)
     units = dp.run_units(0, settings.train.max_steps, settings.eval.every_steps,
