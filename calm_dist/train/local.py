@@ -32,7 +32,7 @@ class LoopSettings:
     bf16: bool = False
 
 
-def _in_precision(statistics, bf16: bool, device_type: str):
+def in_precision(statistics, bf16: bool, device_type: str):
     """``statistics`` run under bf16 autocast when ``bf16`` (the loss itself is computed in fp32)."""
     if not bf16:
         return statistics
@@ -57,7 +57,7 @@ def train_in_process(model, data: dp.PreparedData, settings: LoopSettings, on_re
                    for name in data.eval_names}
     parameters = model.trainable_parameters()
     optimizer, schedule = make_optimizer(parameters, OptimSettings.of(settings.train))
-    statistics = _in_precision(calm_statistics(model, data.augment_columns), settings.bf16,
+    statistics = in_precision(calm_statistics(model, data.augment_columns), settings.bf16,
                                next(model.parameters()).device.type)
     totals = EvalTotals()
     bar = tqdm(total=settings.train.max_steps, desc="composition", disable=not show_progress, dynamic_ncols=True)
