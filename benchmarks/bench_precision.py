@@ -68,6 +68,7 @@ def train_settings():
 
 def one_process_step(anchor_dir: Path, augment_dir: Path, batch: dict, bf16: bool):
     """The single-process composition step, as ``train_in_process`` runs it, in fp32 or bf16."""
+    from calm_dist.config import DeepSpeedConfig
     from calm_dist.model.composed import CompositionSpec
     from calm_dist.model.layers import model_shape
     from calm_dist.optim import OptimSettings, make_optimizer
@@ -75,7 +76,7 @@ def one_process_step(anchor_dir: Path, augment_dir: Path, batch: dict, bf16: boo
     from calm_dist.train.local import in_precision
     from calm_dist.train.models import load_causal_lm
 
-    dtype = torch.bfloat16 if bf16 else None
+    dtype = DeepSpeedConfig(bf16=bf16).base_model_dtype
     augment = load_causal_lm(augment_dir, "augment", dtype)
     model = CompositionSpec(CONNECTIONS, seed=1).build(load_causal_lm(anchor_dir, "anchor", dtype), [augment],
                                                        [model_shape(augment)]).train()

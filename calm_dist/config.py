@@ -130,6 +130,13 @@ class DeepSpeedConfig:
     # (resident memory tracks the partitions) at the cost of page faults on every large activation.
     return_freed_memory: bool = False
 
+    @property
+    def base_model_dtype(self):
+        """The dtype the frozen base models are loaded in outside ZeRO-3: bf16 with ``bf16``, else None (their own)."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else None
+
 
 @dataclass
 class RayConfig:

@@ -158,14 +158,14 @@ def _checkpointer(inputs: RunInputs, engine, model):
 
 
 def run_augment_role(inputs: RunInputs, groups: Groups) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM
 
     from calm_dist.distributed.augment_pipeline import AugmentStage, run_stage, stage_records
 
     parallel, role = inputs.parallel, groups.role
     # deepspeed.bf16: the augmenting models compute in bf16 like the anchor (and the single-process twin)
-    options = {"dtype": torch.bfloat16} if inputs.deepspeed.bf16 else {}
+    dtype = inputs.deepspeed.base_model_dtype
+    options = {"dtype": dtype} if dtype is not None else {}
     augment = AutoModelForCausalLM.from_pretrained(inputs.augments[role.model].path, **options).to(groups.device)
     stage = AugmentStage(augment, groups.topology.pipeline_of(role).stage_layers[role.index], stage_records(groups))
     layout = inputs.data.augment_layout(role.model)

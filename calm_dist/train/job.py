@@ -199,7 +199,7 @@ def build_local_model(job: PreparedJob):
     models are loaded in bf16 (the bridges stay fp32: ``LoopSettings.bf16``)."""
     from calm_dist.model.layers import model_shape
 
-    dtype = torch.bfloat16 if job.config.deepspeed.bf16 else None
+    dtype = job.config.deepspeed.base_model_dtype
     anchor = load_causal_lm(job.models.anchor_dir, "anchor.model.path", dtype)
     augments = [load_causal_lm(path, f"augment[{index}].model.path", dtype)
                 for index, path in enumerate(job.models.augment_dirs)]
