@@ -166,14 +166,15 @@ def prepared_job(project: UserProject, root: Path, *overrides: str, **kwargs):
     return prepare_job(generic_config(project, root, *overrides, **kwargs), log=lambda _: None)
 
 
-def single_process_run(job):
-    """The single-process twin over a prepared job: (per-step losses, {(step, set): EvalReport}, bridges)."""
+def single_process_run(job, model=None):
+    """The single-process twin over a prepared job: (per-step losses, {(step, set): EvalReport}, bridges).
+    ``model``: the composed model to train (default: ``build_local_model(job)``)."""
     from calm_dist.reports import EvalReport
     from calm_dist.train.job import build_local_model
     from calm_dist.train.local import LoopSettings, train_in_process
 
     torch.set_num_threads(1)
-    model = build_local_model(job)
+    model = build_local_model(job) if model is None else model
     reports = []
     config = job.config
     settings = LoopSettings(config.train, config.eval, config.run.seed, config.deepspeed.bf16)
