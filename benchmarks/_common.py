@@ -64,10 +64,11 @@ def _rank_entry(rank: int, world_size: int, port: int, target, args, out_dir: st
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(threads)
     result = target(rank, world_size, *args)
-    from calm_dist.distributed.groups import leave_process_groups
+    from calm_dist.distributed.groups import end_rank_process, leave_process_groups
 
     leave_process_groups()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    end_rank_process()
 
 
 def spawn_ranks(target, world_size: int, args: tuple, out_dir: Path, threads: int = 1) -> list:

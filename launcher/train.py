@@ -83,4 +83,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if launched_by_torchrun():  # a rank process: its outputs are written; see end_rank_process
+        from calm_dist.distributed.groups import end_rank_process
+
+        end_rank_process(exit_code)
+    sys.exit(exit_code)

@@ -1,6 +1,7 @@
 """Running distributed workers in local processes for tests: every rank fails together, nothing hangs."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import traceback
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from calm_dist.distributed.groups import leave_process_groups
+from calm_dist.distributed.groups import end_rank_process, leave_process_groups
 
 
 def free_port() -> int:
@@ -22,6 +23,7 @@ def _entry(rank: int, world_size: int, port: int, target, args, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
+    faulthandler.enable((Path(out_dir) / f"rank{rank}.fault").open("w"), all_threads=True)
     try:
         result = target(rank, world_size, *args)
     except BaseException:
@@ -29,6 +31,7 @@ def _entry(rank: int, world_size: int, port: int, target, args, out_dir: str):
         raise
     leave_process_groups()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    end_rank_process()
 
 
 def _first_cause(out_dir: Path, world_size: int) -> str | None:
@@ -50,4 +53,7 @@ def spawn(target, world_size: int, args: tuple, out_dir: Path) -> list:
     except mp.ProcessRaisedException as error:
         cause = _first_cause(out_dir, world_size)
         raise RuntimeError(f"a rank failed; the first cause:\n{cause}") if cause else error
+    except mp.ProcessExitedException as error:  # killed by a signal: the stacks faulthandler wrote, if any
+        stacks = (out_dir / f"rank{error.error_index}.fault").read_text()
+        raise RuntimeError(f"{error}; its threads' Python stacks:\n{stacks or '(none written)'}") from error
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

@@ -78,6 +78,15 @@ def failing_run(rank: int, world_size: int, inputs: RunInputs, failing_rank: int
     return composition_run(rank, world_size, inputs)
 
 
+def aborting_run(rank: int, world_size: int, inputs: RunInputs, aborting_rank: int) -> dict:
+    """composition_run, but ``aborting_rank`` dies by SIGABRT in native code before it starts: no Python error."""
+    if rank == aborting_rank:
+        import os
+
+        os.abort()
+    return composition_run(rank, world_size, inputs)
+
+
 def partition_facts(rank: int, world_size: int, inputs: RunInputs) -> dict:
     """Anchor-side facts after training: partition sizes, optimizer state, gathered anchor weights."""
     import deepspeed

@@ -7,7 +7,7 @@ import torch
 
 from launcher.runtime import runtime_inputs
 from tests.dist_helpers import spawn
-from tests.dist_workers import composition_run, failing_run
+from tests.dist_workers import aborting_run, composition_run, failing_run
 from tests.user_project import prepared_job, single_process_run
 
 STEPS = 8
@@ -57,3 +57,10 @@ def test_distributed_matches_single_process(job, reference, tmp_path, anchor_ran
 def test_a_failing_rank_fails_every_rank(job, tmp_path):
     with pytest.raises(Exception, match="injected failure on rank 1"):
         spawn(failing_run, 2, (with_plan(job, 1, 1), 1), tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_by_a_signal_fails_every_rank_and_shows_its_python_stack(job, tmp_path):
+    with pytest.raises(RuntimeError, match="process 1 terminated with signal SIGABRT") as failure:
+        spawn(aborting_run, 2, (with_plan(job, 1, 1), 1), tmp_path)
+    assert "in aborting_run" in str(failure.value)

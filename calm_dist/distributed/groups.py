@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,19 @@ def leave_process_groups() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_rank_process(exit_code: int = 0) -> NoReturn:
+    """Ends a rank's process once everything it produces is written, without interpreter finalization.
+
+    ``leave_process_groups`` cannot free the groups other objects still hold (DeepSpeed's, the transport
+    group), so their gloo threads live on; one still finishing a last operation when the interpreter
+    finalizes aborts a process whose job succeeded (the same pytorch/pytorch#190489).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def resolve_backend(requested: str) -> str:
