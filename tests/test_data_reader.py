@@ -209,7 +209,7 @@ def test_keep_last_fills_the_final_batch_from_the_epoch_start(eval_dir, eval_row
 def test_epochs_limit_and_size_errors(train_dir, eval_dir):
     reader = dp.ShardedReader(eval_dir, 3, epochs=2)
     assert len(list(reader)) == 4
-    with pytest.raises(ValueError, match="7 rows, fewer than batch_size \* world_size = 8"):
+    with pytest.raises(ValueError, match=r"7 rows, fewer than batch_size \* world_size = 8"):
         dp.ShardedReader(eval_dir, 4, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         dp.ShardedReader(eval_dir, 1, rank=2, world_size=2)
