@@ -164,9 +164,8 @@ def run_augment_role(inputs: RunInputs, groups: Groups) -> dict:
 
     parallel, role = inputs.parallel, groups.role
     # deepspeed.bf16: the augmenting models compute in bf16 like the anchor (and the single-process twin)
-    dtype = inputs.deepspeed.base_model_dtype
-    options = {"dtype": dtype} if dtype is not None else {}
-    augment = AutoModelForCausalLM.from_pretrained(inputs.augments[role.model].path, **options).to(groups.device)
+    augment = AutoModelForCausalLM.from_pretrained(inputs.augments[role.model].path,
+                                                   dtype=inputs.deepspeed.base_model_dtype).to(groups.device)
     stage = AugmentStage(augment, groups.topology.pipeline_of(role).stage_layers[role.index], stage_records(groups))
     layout = inputs.data.augment_layout(role.model)
     sources = [BatchSource(inputs, index, layout) for index in range(groups.topology.anchor_ranks)]

@@ -36,8 +36,7 @@ def load_causal_lm(path: str | Path, key: str, dtype=None):
     from transformers import AutoModelForCausalLM
 
     check_model_dir(str(path), key)
-    options = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path, **options).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()  # None: transformers' default
 
 
 def tokenizer_dir(source: ModelSource) -> str:
