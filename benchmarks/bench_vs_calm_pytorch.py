@@ -5,9 +5,10 @@ line per figure on stdout (nothing else); progress (and with ``--profile`` where
 goes to stderr. Only ratios measured side by side in this one process mean anything: repetitions of the
 two implementations are interleaved and medians taken.
 
-Figures: training-step time ratio; greedy generation tokens/s ratio at batch 8 and at batch 1 (64 new
-tokens after a 16-token prompt); and, for calm_dist alone, the time per generated token at 512 new tokens
-over that at 64 (the cache keeps a step's cost flat as the sequence grows).
+Figures: training-step time ratio, on every-position-labelled rows of the tiny pair and on composition
+batches (below); greedy generation tokens/s ratio at batch 8 and at batch 1 (64 new tokens after a
+16-token prompt); and, for calm_dist alone, the time per generated token at 512 new tokens over that at 64
+(the cache keeps a step's cost flat as the sequence grows).
 
 How the two are matched
 -----------------------
@@ -29,11 +30,20 @@ How the two are matched
   as its backbone only (``_AugmentBackbone``, no LM head), as calm_dist runs it; both with
   ``use_cache=False``, and the augment gets the attention mask (``mask_kwarg``) as ours does.
 * Training step: every model reads exactly ``train_len`` tokens per row. Ours: ``input_ids =
-  data[:, :T]``, ``labels`` the same (shifted inside: T-1 predictions). Theirs: ``seq = data`` (T+1
-  tokens; it feeds ``seq[:, :-1]`` to the anchor and predicts ``seq[:, 1:]``) and ``prompt =
-  data[:, :T]`` for the augment. Same plain loop for both: loss, ``backward()``, ``torch.optim.AdamW``
-  over the trainable parameters only, ``zero_grad(set_to_none=True)`` (not calm_pytorch's
-  ``FineTuner``, which adds accelerate, a warm-up schedule and clipping).
+  data[:, :T]``, ``labels`` the same (shifted inside: T-1 predictions), through the forward every
+  calm_dist training path uses (``logits_for="labels"``). Theirs: ``seq = data`` (T+1 tokens; it feeds
+  ``seq[:, :-1]`` to the anchor and predicts ``seq[:, 1:]``) and ``prompt = data[:, :T]`` for the
+  augment. Same plain loop for both: loss, ``backward()``, ``torch.optim.AdamW`` over the trainable
+  parameters only, ``zero_grad(set_to_none=True)`` (not calm_pytorch's ``FineTuner``, which adds
+  accelerate, a warm-up schedule and clipping).
+* Composition batches: the same step on rows shaped like D_C, a prompt and then the completion that
+  carries the loss (``prompt_fraction`` of each row is prompt), and on a pair whose vocabulary is as large
+  for the anchor's width as a real LLM's (``composition_vocab``: 32 tokens per hidden unit, Llama 3 8B's
+  128,256 / 4,096; the tiny pair's 300 is 1.2). Both get the same models and rows and count the same
+  number of targets (``completion_targets``); theirs masks its labels with its own ``mask=`` argument.
+  On every-position-labelled rows with a 300-token vocabulary there is nothing to leave out and both do
+  the same matmuls; here calm_dist computes logits and cross-entropy only where a label counts, calm_pytorch
+  over every position.
 * Generation: same prompt batch, greedy, 64 new tokens, no EOS. Ours: ``CALMForCausalLM.generate``
   (transformers' GenerationMixin over a CALMCache: KV caches on both models, bridge keys/values projected
   incrementally, all grown in place). Theirs: ``CALM.generate``, which runs the
@@ -65,7 +75,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -95,8 +105,19 @@ class BenchConfig:
     prompt_len: int = 16
     new_tokens: int = 64
     long_new_tokens: int = 512  # the flatness figure: time per token here vs at new_tokens
+    composition_vocab: int = 8192  # the composition-batch figure's pair: 32 tokens per anchor hidden unit
+    prompt_fraction: float = 0.5  # of each composition-batch row; the rest is the completion that is scored
     lr: float = 1e-4
     seed: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.train_len * self.prompt_fraction)
+
+    @property
+    def completion_targets(self) -> int:
+        """Targets each implementation scores per composition-batch row."""
+        return self.train_len - self.prompt_tokens
 
     @property
     def reference_connections(self) -> tuple:
@@ -238,14 +259,47 @@ def make_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return train, prompt
 
 
-def ours_train_step(model, data: torch.Tensor, lr: float) -> Callable[[], float]:
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+@dataclass(frozen=True)
+class TrainBatch:
+    """One training batch, as each implementation takes it: ours ``input_ids`` and ``labels`` (-100 = not
+    scored), theirs ``seq`` (one token longer: it predicts ``seq[:, 1:]``), the augment's ``prompt`` and
+    ``mask`` (None = every label scored; else False where a label of ``seq[:, 1:]`` is not scored)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    seq: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self.seq[:, :-1]
+
+
+def labelled_batch(data: torch.Tensor) -> TrainBatch:
+    """Every position scored: ours T-1 targets per row, theirs T."""
     input_ids = data[:, :-1]
-    mask = torch.ones_like(input_ids)
+    return TrainBatch(input_ids, input_ids, data)
+
+
+def composition_batch(config: BenchConfig, data: torch.Tensor) -> TrainBatch:
+    """Rows of a prompt then a completion: each implementation scores ``completion_targets`` per row (ours
+    ``data[:, P:T]``, theirs ``data[:, P+1:T+1]``, P the prompt's tokens) and reads the same T tokens."""
+    prompt_tokens = config.prompt_tokens
+    input_ids = data[:, :-1]
+    labels = input_ids.clone()
+    labels[:, :prompt_tokens] = -100
+    mask = torch.ones_like(data, dtype=torch.bool)
+    mask[:, 1:prompt_tokens + 1] = False
+    return TrainBatch(input_ids, labels, data, mask)
+
+
+def ours_train_step(model, batch: TrainBatch, lr: float) -> Callable[[], float]:
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    attention_mask = torch.ones_like(batch.input_ids)
 
     def step() -> float:
         model.train()
-        loss = model(input_ids, attention_mask=mask, labels=input_ids).loss
+        loss = model(batch.input_ids, attention_mask=attention_mask, labels=batch.labels, logits_for="labels").loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,12 +308,11 @@ def ours_train_step(model, data: torch.Tensor, lr: float) -> Callable[[], float]
     return step
 
 
-def reference_train_step(calm, data: torch.Tensor, lr: float) -> Callable[[], float]:
+def reference_train_step(calm, batch: TrainBatch, lr: float) -> Callable[[], float]:
     optimizer = torch.optim.AdamW(calm.parameters(), lr=lr)
-    prompt = data[:, :-1]
 
     def step() -> float:
-        loss = calm(data, prompt=prompt)
+        loss = calm(batch.seq, prompt=batch.prompt, mask=batch.mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -338,16 +391,30 @@ def figure_line(figure: str, value: float, goal: float, better: str, **extra) ->
     return json.dumps({"figure": figure, "value": round(value, 4), "goal": goal, "better": better, **extra})
 
 
-def train_figure(config, ours_model, calm, data, repeats: Repeats, threads: int) -> str:
+def train_figure(config, ours_model, calm, batch: TrainBatch, repeats: Repeats, threads: int, suffix: str = "",
+                 **extra) -> str:
     ours_s, theirs_s = time_interleaved(
-        ours_train_step(ours_model, data, config.lr), reference_train_step(calm, data, config.lr),
-        repeats.train_warmup, repeats.train, "train step",
+        ours_train_step(ours_model, batch, config.lr), reference_train_step(calm, batch, config.lr),
+        repeats.train_warmup, repeats.train, f"train step{suffix.replace('_', ' ')}",
     )
     return figure_line(
-        "train_step_time_ratio_vs_calm_pytorch", ours_s / theirs_s, 0.8, "lower",
+        f"train_step_time_ratio_vs_calm_pytorch{suffix}", ours_s / theirs_s, 0.8, "lower",
         ours_s=round(ours_s, 5), theirs_s=round(theirs_s, 5), repeats=repeats.train, threads=threads,
         ours_trainable_params=ours_trainable_param_count(ours_model),
-        theirs_trainable_params=sum(p.numel() for p in calm.parameters()),
+        theirs_trainable_params=sum(p.numel() for p in calm.parameters()), **extra,
+    )
+
+
+def composition_train_figure(config: BenchConfig, reference, repeats: Repeats, threads: int) -> str:
+    """The training-step ratio on composition batches, with the pair built at ``composition_vocab``."""
+    pair_config = replace(config, vocab=config.composition_vocab)
+    anchor, augment = base_models(pair_config)
+    data, _ = make_data(pair_config)
+    return train_figure(
+        pair_config, build_ours(pair_config, anchor, augment), build_reference(pair_config, anchor, augment, reference),
+        composition_batch(pair_config, data), repeats, threads, suffix="_composition_batch",
+        vocab=pair_config.vocab, prompt_fraction=pair_config.prompt_fraction,
+        targets_per_row=pair_config.completion_targets,
     )
 
 
@@ -482,7 +549,8 @@ def main(argv=None) -> int:
     log(f"connections: ours {config.connections} (0-based) = calm_pytorch {config.reference_connections} (1-based)")
     data, prompt = make_data(config)
     start = time.perf_counter()
-    print(train_figure(config, ours_model, calm, data, repeats, args.threads), flush=True)
+    print(train_figure(config, ours_model, calm, labelled_batch(data), repeats, args.threads), flush=True)
+    print(composition_train_figure(config, reference, repeats, args.threads), flush=True)
     generator = ours_hf_model(ours_model)
     print(generation_figure(config, generator, calm, prompt, repeats, args.threads), flush=True)
     print(generation_figure(config, generator, calm, prompt[:1], repeats, args.threads, suffix="_batch1"), flush=True)

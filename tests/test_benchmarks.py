@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"figure", "value", "goal", "better"}
 EXPECTED_FIGURES = {
     "train_step_time_ratio_vs_calm_pytorch",
+    "train_step_time_ratio_vs_calm_pytorch_composition_batch",
     "generation_tokens_per_s_ratio_vs_calm_pytorch",
     "generation_tokens_per_s_ratio_vs_calm_pytorch_batch1",
     "generation_time_per_token_ratio_512_vs_64_new_tokens",
@@ -47,8 +49,9 @@ def test_quick_benchmark_prints_one_json_figure_per_line():
         assert isinstance(record["value"], (int, float)), record
         assert math.isfinite(record["value"]) and record["value"] > 0, record
         assert record["better"] in ("lower", "higher"), record
-    train = next(r for r in records if r["figure"].startswith("train_step"))
-    assert within_factor(train["ours_trainable_params"], train["theirs_trainable_params"], bench.PARAM_COUNT_FACTOR)
+    for train in (r for r in records if r["figure"].startswith("train_step")):
+        assert within_factor(train["ours_trainable_params"], train["theirs_trainable_params"],
+                             bench.PARAM_COUNT_FACTOR), train
 
 
 def test_connections_map_to_the_same_blocks():
@@ -89,6 +92,36 @@ def test_reference_setup_matches_its_description_when_installed():
     # zero-initialised outputs on both sides: each composition equals the bare anchor at init
     assert (theirs_logits - plain).abs().max().item() <= 1e-5
     assert (ours_logits - plain).abs().max().item() <= 1e-5
+
+
+def test_composition_batches_score_the_same_number_of_completion_targets_on_both_sides():
+    """At init both compositions are the bare anchor, so each loss must be the anchor's cross-entropy over
+    exactly the completion targets its side is said to score (checks calm_pytorch's ``mask=`` as we use it)."""
+    reference = bench.import_reference()
+    if reference is None:
+        pytest.skip(bench.INSTALL_HINT)
+    config = replace(bench.BenchConfig(), vocab=600)
+    anchor, augment = bench.base_models(config)
+    data, _ = bench.make_data(config)
+    batch = bench.composition_batch(config, data)
+    prompt, targets = config.prompt_tokens, config.completion_targets
+    assert (batch.labels != -100).sum(-1).tolist() == [targets] * data.shape[0]
+    assert batch.mask[:, 1:].sum(-1).tolist() == [targets] * data.shape[0]
+    with torch.no_grad():
+        logits = anchor(input_ids=data).logits
+        ours = bench.build_ours(config, anchor, augment)(batch.input_ids, labels=batch.labels, logits_for="labels")
+        theirs = bench.build_reference(config, anchor, augment, reference)(batch.seq, prompt=batch.prompt,
+                                                                          mask=batch.mask)
+
+    def anchor_loss(first_target: int) -> float:
+        scored = slice(first_target - 1, first_target - 1 + targets)  # the positions predicting the targets
+        return torch.nn.functional.cross_entropy(
+            logits[:, scored].reshape(-1, config.vocab),
+            data[:, first_target:first_target + targets].reshape(-1)).item()
+
+    assert ours.statistics.tokens == data.shape[0] * targets
+    assert ours.loss.item() == pytest.approx(anchor_loss(prompt), abs=1e-5)
+    assert theirs.item() == pytest.approx(anchor_loss(prompt + 1), abs=1e-5)
 
 
 def test_greedy_filter_keeps_only_the_top_logit():
