@@ -45,8 +45,8 @@ How the two are matched
   the same matmuls; here calm_dist computes logits and cross-entropy only where a label counts, calm_pytorch
   over every position.
 * Generation: same prompt batch, greedy, 64 new tokens, no EOS. Ours: ``CALMForCausalLM.generate``
-  (transformers' GenerationMixin over a CALMCache: KV caches on both models, bridge keys/values projected
-  incrementally, all grown in place). Theirs: ``CALM.generate``, which runs the
+  (transformers' GenerationMixin over a CALMCache: KV caches on both models, each bridge's augment
+  states, all grown in place). Theirs: ``CALM.generate``, which runs the
   augment once on the prompt, then re-runs the whole anchor over the whole sequence (plus one padding
   slot) for every new token: no KV cache. It only samples, so we pass a ``filter_fn`` that keeps just
   the top logit: its Gumbel sampling then returns the argmax. Its tqdm bar is turned off.
@@ -492,7 +492,7 @@ def profile_generation(config, ours_model, prompt) -> dict[str, float]:
         ("    of which: anchor attention masks (transformers)", seconds["anchor_masks"]),
         ("    of which: growing both models' KV caches", seconds["kv_cache"]),
         ("  bridges (projection, cross-attention, output)", seconds["bridges"]),
-        ("    of which: growing their projected keys/values", seconds["bridge_cache"]),
+        ("    of which: growing their memories of augment states", seconds["bridge_cache"]),
         ("  cross-attention masks and positions", seconds["cross_masks"]),
     ]
     log(f"profile of one generate call, batch {prompt.shape[0]}, {config.new_tokens} new tokens (cProfile inflates "

@@ -298,7 +298,7 @@ def test_misused_alignment_inputs_raise_clear_errors():
         full = model(anchor.input_ids, anchor.attention_mask, augment_inputs=own,
                      anchor_end_offsets=anchor.end_offsets).logits
     torch.testing.assert_close(stepped, full)
-    caches.bridges[0].crop(-1)  # model 0's cache and its bridges' projected keys no longer agree
+    caches.bridges[0].crop(-1)  # model 0's cache and its bridges' memories no longer agree
     with pytest.raises(ValueError, match=r"augment_inputs\[0\] with caches: .*crop them to one prefix"):
         model.step(anchor.input_ids[:, -1:], anchor.attention_mask, caches=caches, augment_inputs=own,
                    anchor_end_offsets=anchor.end_offsets)

@@ -72,7 +72,7 @@ def test_composed_model_generates_as_the_anchor_at_init(anchor_arch, augment_arc
 
 
 def _record_lengths(model: CALMForCausalLM) -> dict[str, list[int]]:
-    """Positions each forward feeds the anchor, the augmenting model and each bridge's projection."""
+    """Positions each forward feeds the anchor, the augmenting model and each bridge (new augment states)."""
     seen = {"anchor": [], "augment": [], **{f"bridge {i}": [] for i in range(len(model.calm.bridges))}}
 
     def hook(name):
@@ -81,7 +81,8 @@ def _record_lengths(model: CALMForCausalLM) -> dict[str, list[int]]:
     model.calm.anchor.get_input_embeddings().register_forward_pre_hook(hook("anchor"))
     model.calm.augment.get_input_embeddings().register_forward_pre_hook(hook("augment"))
     for index, bridge in enumerate(model.calm.bridges):
-        bridge.proj.register_forward_pre_hook(hook(f"bridge {index}"))
+        bridge.register_forward_pre_hook(
+            lambda module, args, name=f"bridge {index}": seen[name].append(args[1].augment_hidden.shape[1]))
     return seen
 
 

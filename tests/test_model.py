@@ -169,3 +169,32 @@ def test_augment_layers_above_the_deepest_tap_do_not_run():
     layers = calm_dist.model.find_decoder_layers(model.augment)
     layers[3].layer = Boom()
     model(random_ids(1, 5))
+
+
+@pytest.mark.parametrize("relative_scale", [False, True])
+def test_a_bridge_generating_through_its_folded_memory_equals_it_projecting_keys_and_values(relative_scale):
+    """Prefix then one token at a time through ``BridgeMemory`` (raw augment states, folded key/value
+    weights) against one full forward that projects keys and values; padding leaves queries with no key."""
+    from calm_dist.model.bridge import BridgeInput, CrossAttentionBridge, CrossMask
+    from calm_dist.model.cache import BridgeMemory
+
+    torch.manual_seed(0)
+    bridge = CrossAttentionBridge(augment_dim=12, anchor_dim=16, num_heads=4, relative_scale=relative_scale)
+    for parameter in bridge.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    hidden, states = torch.randn(2, 7, 16), torch.randn(2, 7, 12)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    real[1, :3] = False  # row 1: three padding positions first
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+    with torch.no_grad():
+        full = bridge(hidden, BridgeInput(states, CrossMask.from_allowed(allowed)))
+        memory = BridgeMemory()
+        pieces = [bridge(hidden[:, :4], BridgeInput(states[:, :4], CrossMask.from_allowed(allowed[..., :4, :4]),
+                                                    memory))]
+        for t in range(4, 7):
+            pieces.append(bridge(hidden[:, t:t + 1], BridgeInput(states[:, t:t + 1],
+                                                                 CrossMask.from_allowed(allowed[..., t:t + 1, :t + 1]),
+                                                                 memory)))
+    assert memory.states.shape == (2, 1, 7, 12)  # augment_dim numbers per position, not 2 x anchor_dim
+    assert full[1, :3].abs().max() == 0  # queries with no key add nothing
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)

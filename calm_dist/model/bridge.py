@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from calm_dist.model.cache import ProjectedKV
+from calm_dist.model.cache import BridgeMemory
 
 
 @dataclass
@@ -62,7 +62,7 @@ class BridgeInput:
 
     augment_hidden: torch.Tensor
     mask: CrossMask
-    cache: ProjectedKV | None = None
+    cache: BridgeMemory | None = None
 
 
 @dataclass
@@ -71,6 +71,14 @@ class CompositionContext:
 
     inputs: list[BridgeInput]
     extras: dict = field(default_factory=dict)
+
+
+def _per_head(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """[B, H, Q, m] times each head's own [H, m, n] map: [B, H, Q, n], as one batched matmul over heads
+    (broadcasting the maps over the batch would copy them for every row)."""
+    batch, heads, length, _ = x.shape
+    by_head = x.transpose(0, 1).reshape(heads, batch * length, -1)
+    return torch.bmm(by_head, maps).view(heads, batch, length, -1).transpose(0, 1)
 
 
 class CrossAttentionBridge(nn.Module):
@@ -95,17 +103,51 @@ class CrossAttentionBridge(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_memory(self, augment_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memory = self.proj(augment_hidden.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype))
+        memory = self.proj(self._as_weights(augment_hidden))
         return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
 
+    def _as_weights(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values as maps of the raw augment state a: head h scores a_s by q_h · (W_k,h W_p) a_s
+        (the bias's W_k,h b_p adds the same to every key of a query, which softmax ignores) and mixes
+        c_h = sum_s p_s a_s into W_v,h W_p c_h + W_v,h b_p. Returns ([H, d, D_A], [H, d, D_A], [H, 1, d])."""
+        with torch.no_grad(), torch.autocast(self.proj.weight.device.type, enabled=False):
+            projection = self.proj.weight.float()
+            key_map = self.k_proj.weight.float().view(self.num_heads, self.head_dim, -1) @ projection
+            value_weight = self.v_proj.weight.float().view(self.num_heads, self.head_dim, -1)
+            value_map = value_weight @ projection
+            value_bias = (value_weight @ self.proj.bias.float()).unsqueeze(1)
+        dtype = self.proj.weight.dtype
+        return key_map.to(dtype), value_map.to(dtype), value_bias.to(dtype)
+
+    def _attend(self, queries: torch.Tensor, bridge_input: BridgeInput) -> torch.Tensor:
+        """[B, H, Q, d] queries over the bridge's keys and values: projected from this forward's augment
+        states, or (generating) folded onto every augment state its memory holds."""
+        mask = bridge_input.mask.additive(queries.dtype, queries.device)
+        memory = bridge_input.cache
+        if memory is None:
+            keys, values = self.project_memory(bridge_input.augment_hidden)
+            return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        states = memory.extend(self._as_weights(bridge_input.augment_hidden).unsqueeze(1))  # [B, 1, S, D_A]
+        if memory.folded is None:
+            memory.folded = self.folded_weights()
+        key_map, value_map, value_bias = memory.folded
+        batch, heads, length, _ = queries.shape
+        # every head reads the same states: the heads become query rows of one single-head attention
+        folded = _per_head(queries, key_map.to(queries.dtype)).reshape(batch, 1, heads * length, -1)
+        if mask is not None:
+            mask = mask.repeat(1, 1, heads, 1)
+        mixed = F.scaled_dot_product_attention(folded, states.to(folded.dtype), states.to(folded.dtype),
+                                               attn_mask=mask, scale=self.head_dim ** -0.5)
+        mixed = mixed.view(batch, heads, length, -1)
+        return _per_head(mixed, value_map.to(mixed.dtype).transpose(1, 2)) + value_bias.to(mixed.dtype)
+
     def forward(self, hidden: torch.Tensor, bridge_input: BridgeInput):
-        keys, values = self.project_memory(bridge_input.augment_hidden)
-        if bridge_input.cache is not None:
-            keys, values = bridge_input.cache.extend(keys, values)
         local = hidden.to(self.q_proj.weight.device)
         queries = self._heads(self.q_proj(local.to(self.q_proj.weight.dtype)))
-        mask = bridge_input.mask.additive(queries.dtype, queries.device)
-        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        attended = self._attend(queries, bridge_input)
         if bridge_input.mask.query_has_key is not None:  # a query with no key to read gets no residual
             attended = attended * bridge_input.mask.query_has_key.to(device=attended.device, dtype=attended.dtype)
         batch, _, length, _ = attended.shape

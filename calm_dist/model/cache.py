@@ -1,4 +1,4 @@
-"""Generation caches of a composed model: both models' KV caches and every bridge's projected keys/values.
+"""Generation caches of a composed model: both models' KV caches and every bridge's augment states.
 
 All of them grow along the sequence into buffers with spare room (doubled when full), so appending a token
 copies that token only, and the cost of a generation step stays flat as the sequence grows (a plain
@@ -103,36 +103,33 @@ def growing_cache(config) -> DynamicCache:
     return cache
 
 
-class ProjectedKV:
-    """Projected keys/values ``[batch, heads, length, head_dim]`` of one bridge, grown by each forward's new
-    augment positions during generation."""
+class BridgeMemory:
+    """What one bridge has read during generation: the augment states ``[batch, 1, length, augment_dim]``
+    (grown by each forward's new positions) and its key and value weights folded onto them, made once per
+    generation (``folded``). Folded, a step reads augment_dim numbers per cached position instead of the
+    2 x anchor_dim of projected keys and values: at long sequences generation is bound by reading caches."""
 
     def __init__(self):
-        self._keys, self._values = GrowingBuffer(), GrowingBuffer()
+        self._states = GrowingBuffer()
+        self.folded = None
 
     @property
-    def keys(self) -> torch.Tensor | None:
-        return self._keys.view
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self._values.view
+    def states(self) -> torch.Tensor | None:
+        return self._states.view
 
     @property
     def length(self) -> int:
-        return self._keys.length
+        return self._states.length
 
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._keys.append(keys), self._values.append(values)
+    def extend(self, states: torch.Tensor) -> torch.Tensor:
+        return self._states.append(states)
 
     def crop(self, count: int) -> None:
-        self._keys.crop(count)
-        self._values.crop(count)
+        self._states.crop(count)
 
     def _apply(self, function) -> None:
         if self.length:
-            self._keys.replace(function(self.keys))
-            self._values.replace(function(self.values))
+            self._states.replace(function(self.states))
 
     def reorder(self, index: torch.Tensor) -> None:
         self._apply(lambda tensor: tensor.index_select(0, index.to(tensor.device)))
@@ -146,13 +143,13 @@ class ProjectedKV:
 
 class CALMCache(Cache):
     """What a composed model keeps between generation steps: the anchor's KV cache, each augmenting model's
-    (none when their states come from elsewhere) and each bridge's projected keys/values.
+    (none when their states come from elsewhere) and each bridge's memory of augment states.
 
     It is a ``transformers.Cache``: ``generate`` reads its length (the anchor's), reorders it for beam
     search and crops it for assisted decoding; each operation applies to every part.
     """
 
-    def __init__(self, anchor: Cache, augments: Sequence[Cache], bridges: Sequence[ProjectedKV]):
+    def __init__(self, anchor: Cache, augments: Sequence[Cache], bridges: Sequence[BridgeMemory]):
         super().__init__(layers=anchor.layers)  # the base class's queries (mask sizes, sliding layers) are the anchor's
         self.anchor = anchor
         self.augments = list(augments)
@@ -203,7 +200,7 @@ class CALMCache(Cache):
     def reset(self) -> None:
         for cache in self._model_caches():
             cache.reset()
-        self.bridges = [ProjectedKV() for _ in self.bridges]
+        self.bridges = [BridgeMemory() for _ in self.bridges]
 
     def activate_past_recording(self, **kwargs) -> None:
         for cache in self._model_caches():

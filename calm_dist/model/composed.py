@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from calm_dist.model.alignment import AugmentInput, aligned_allowed
 from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
 from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask
-from calm_dist.model.cache import CALMCache, ProjectedKV, growing_cache
+from calm_dist.model.cache import BridgeMemory, CALMCache, growing_cache
 from calm_dist.model.connections import resolve_connections, resolve_per_model_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
 from calm_dist.model.loss import TokenStatistics, causal_lm_loss, predicting_positions, token_statistics
@@ -140,7 +140,7 @@ class CALMModel(nn.Module):
         return states
 
     def _no_new_states(self, index, new_ids) -> list[torch.Tensor]:
-        """Empty taps ``[B, 0, D_A]`` for a model with no new tokens: its bridges' projected keys stay as cached."""
+        """Empty taps ``[B, 0, D_A]`` for a model with no new tokens: its bridges' memories stay as cached."""
         weight = next(self.augments[index].parameters())
         empty = weight.new_zeros((new_ids.shape[0], 0, self.augment_shapes[index].hidden_size))
         return [empty for _ in self.tapped_layers_of(index)]
@@ -181,7 +181,7 @@ class CALMModel(nn.Module):
 
     def _check_own_caches(self, augment_inputs, caches: CALMCache) -> None:
         """With caches, a model reading its own tokens holds the first P of them in its cache and its bridges'
-        projected keys/values (the caller crops all of them to the prefix its new tokenisation kept)."""
+        memories (the caller crops all of them to the prefix its new tokenisation kept)."""
         if self.augments[0] is None:
             return  # the states come from elsewhere
         augment_caches = caches.augments or [None] * len(augment_inputs)
@@ -194,7 +194,7 @@ class CALMModel(nn.Module):
                     for bridge_cache, source in zip(bridge_caches, self.bridge_sources) if source == index}
             if cached is None or held != {cached} or cached > own.input_ids.shape[-1]:
                 raise ValueError(f"augment_inputs[{index}] with caches: its model's cache holds {cached} positions and "
-                                 f"its bridges' projected keys {sorted(held, key=str)}, of its "
+                                 f"its bridges' memories {sorted(held, key=str)}, of its "
                                  f"{own.input_ids.shape[-1]} tokens; give every cache and crop them to one prefix of "
                                  "its tokenisation")
 
@@ -221,12 +221,12 @@ class CALMModel(nn.Module):
         padding anywhere, so neither model nor the bridges need a padding mask).
 
         ``caches`` (generation, from ``new_caches``) holds the anchor's HF cache, one HF cache per
-        augmenting model and one ProjectedKV per bridge; without it this is a plain full-sequence forward.
+        augmenting model and one BridgeMemory per bridge; without it this is a plain full-sequence forward.
         ``augment_inputs`` (one per augmenting model, None = reads the anchor's ids) gives models
         with their own tokenizer their tokenisation of the same texts; the anchor's tokens then need
         ``anchor_end_offsets`` ``[B, T]`` over all T tokens so far (see ``alignment.py``). With ``caches``
-        such a model's inputs are its whole tokenisation so far: its cache and its bridges' projected
-        keys/values hold the first P tokens of it and the tokens from P on run (``generate_text`` crops them
+        such a model's inputs are its whole tokenisation so far: its cache and its bridges' memories
+        hold the first P tokens of it and the tokens from P on run (``generate_text`` crops them
         to the prefix a re-tokenisation kept).
         """
         if attention_mask is None and augment_inputs is not None and any(own is not None for own in augment_inputs):
@@ -293,7 +293,7 @@ class CALMModel(nn.Module):
     def new_caches(self) -> CALMCache:
         """Empty generation caches for ``step``: the anchor's, each augmenting model's, each bridge's."""
         augments = [] if self.augments[0] is None else [growing_cache(model.config) for model in self.augments]
-        return CALMCache(growing_cache(self.anchor.config), augments, [ProjectedKV() for _ in self.bridges])
+        return CALMCache(growing_cache(self.anchor.config), augments, [BridgeMemory() for _ in self.bridges])
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 8, **kwargs):
         from calm_dist.model.generation import greedy_generate

@@ -1,4 +1,4 @@
-"""Greedy generation: with a KV cache on each model and incrementally projected bridge keys/values;
+"""Greedy generation: with a KV cache on each model and each bridge's growing memory of augment states;
 for augmenting models with their own tokenizers, by re-tokenising the growing text every step and keeping
 each cache for the prefix of tokens the re-tokenisation left unchanged."""
 from __future__ import annotations
@@ -101,7 +101,7 @@ def generate_text(
     (normalisation, dropped or added spaces), they read the decoded form.
 
     ``use_cache`` (each prompt on its own, batch 1): every model keeps its KV cache and every bridge its
-    projected keys/values for as long as what they were computed from is unchanged. A re-tokenisation
+    augment states for as long as what they were computed from is unchanged. A re-tokenisation
     that only appends tokens (character- or chunk-level tokenizers) keeps an augmenting model's whole
     cache; one that re-cuts its last tokens (BPE merging across the new text) keeps the unchanged prefix
     and recomputes from the first changed token, and anchor positions that could read a changed augment
@@ -191,7 +191,7 @@ def _crop(cache, length: int) -> None:
 
 
 def _crop_projected(bridge_cache, length: int) -> None:
-    """A bridge's projected keys/values (``ProjectedKV``, HF's crop convention) to their first ``length``."""
+    """A bridge's memory of augment states (``BridgeMemory``, HF's crop convention) to its first ``length``."""
     extra = bridge_cache.length - length
     if extra > 0:
         bridge_cache.crop(-extra)

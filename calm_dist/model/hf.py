@@ -7,7 +7,7 @@ weights and each augmenting model's connections, a ``generation_config.json`` an
 files. The base models are loaded from where the config says, or from the paths given at load time.
 
 ``CALMForCausalLM`` wraps the ``CALMModel`` (``model.calm``): its forward is ``CALMModel.step`` and
-its cache a ``CALMCache`` holding both models' KV caches and every bridge's projected keys/values, so
+its cache a ``CALMCache`` holding both models' KV caches and every bridge's augment states, so
 each generation step runs the new token only.
 
 An augmenting model with a tokenizer of its own (composed with ``shared_tokenizer=False``) reads its own
@@ -227,8 +227,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             return
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported: a "
-                             "composed model keeps its own cache (both models' KV caches and the bridges' projected "
-                             "keys/values, grown in place); leave cache_implementation unset")
+                             "composed model keeps its own cache (both models' KV caches and the bridges' augment "
+                             "states, grown in place); leave cache_implementation unset")
         model_kwargs["cache"] = self.calm.new_caches()
         if generation_config.is_assistant:
             model_kwargs["cache"].activate_past_recording()
