@@ -180,29 +180,44 @@ def activation_wire_bytes(model: Composition, step: Step, wire_bytes: int = 2, s
     return {"taps_into_anchor_rank": taps, "between_augment_stages": hops}
 
 
+def saved_activation_elements(model: Composition, step: Step, checkpointing: bool = False) -> dict[str, float]:
+    """Elements autograd keeps for backward per token of the micro-batch, by part (``bench_activation_memory``
+    checks it against what autograd really keeps). With frozen linear layers nothing is kept for their
+    weights' gradients, so an anchor layer above the first bridge keeps its two norm inputs, the attention's
+    q, k, v and output, the MLP's gate, up and SiLU(gate), a norm scale each and a log-sum-exp per head;
+    all layers share the rotary cos and sin; the final norm keeps its input; each bridge its input, the
+    augment state, the projected memory, q, k, v, attention output and the output projection's input (its
+    weights train); each augmenting model read by bridges one row of the cross-attention mask (one element
+    per key position); the loss the log-probabilities of labelled positions (fp32). With activation
+    checkpointing (not checked here) each anchor layer above the first bridge keeps its input, plus one
+    layer's activations while it is recomputed."""
+    anchor, hidden = model.anchor, model.anchor.hidden
+    kv = hidden // anchor.heads * anchor.kv_heads
+    above = anchor.layers - 1 - model.first_bridge_layer()
+    layer = 4 * hidden + 2 * kv + 3 * anchor.intermediate + 2 + anchor.heads
+    layers = above * hidden + layer if checkpointing else above * layer
+    bridge = 7 * hidden + model.augment.hidden + anchor.heads
+    return {"anchor_layers": layers, "rotary": 2 * hidden // anchor.heads, "final_norm": hidden + 1,
+            "bridges": model.bridges * bridge,
+            "cross_masks": step.seq_len,  # one augmenting model here
+            "labelled_log_probs": step.labelled_fraction * anchor.vocab}
+
+
 def memory_per_gpu(model: Composition, cluster: Cluster, step: Step, zpp: ZeroPlusPlus,
                    max_live_parameters: int | None = None, checkpointing: bool = True) -> dict:
     """Bytes per anchor GPU. Anchor bf16 partition 1/N; bridges: bf16 weights + bf16 gradients + fp32 master
     + Adam's two fp32 moments (16 B/param) over N; gathered parameters live at once: bounded by
-    max_live_parameters (bf16; auto, as ``zero_anchor.gather_limits``: 3 decoder layers); hpZ keeps a secondary partition of 1/hpz; activations: with
-    activation checkpointing each anchor layer above the first bridge keeps its input (bf16), plus one
-    layer's full activations during recompute; logits in fp32 for labelled positions only."""
+    max_live_parameters (bf16; auto, as ``zero_anchor.gather_limits``: 3 decoder layers); hpZ keeps a secondary
+    partition of 1/hpz; activations: ``saved_activation_elements`` in bf16; logits and their gradient in fp32
+    for labelled positions only."""
     n = cluster.gpus
-    anchor, hidden = model.anchor, model.anchor.hidden
+    anchor = model.anchor
     partition = anchor.params() * 2 / n
     secondary = anchor.params() * 2 / zpp.hpz_partition_size if zpp.hpz_partition_size > 1 else 0.0
     bridges = model.bridge_params() * 16 / n
     live = (max_live_parameters or 3 * anchor.layer_params()) * 2
-    above = anchor.layers - 1 - model.first_bridge_layer()
-    kv = hidden // anchor.heads * anchor.kv_heads
-    # one layer's saved activations per token (bf16): 2 norm inputs, q, k, v, attention output, o input,
-    # gate, up, SiLU(gate) * up -> roughly
-    layer_tokens = (2 * hidden + hidden + 2 * kv + 2 * hidden + 3 * anchor.intermediate) * 2
-    bridge_tokens = (4 * hidden) * 2 * model.bridges  # q, o input, residual per bridge (k/v over augment states)
-    if checkpointing:
-        activations = step.tokens * (above * hidden * 2 + layer_tokens) + step.tokens * bridge_tokens
-    else:
-        activations = step.tokens * (above * layer_tokens + bridge_tokens)
+    saved = saved_activation_elements(model, step, checkpointing)
+    activations = step.tokens * 2 * sum(value for part, value in saved.items() if part != "labelled_log_probs")
     logits = step.tokens * step.labelled_fraction * anchor.vocab * 4 * 2  # logits + their gradient, fp32
     total = partition + secondary + bridges + live + activations + logits
     return {"anchor_partition": partition, "hpz_secondary_partition": secondary, "bridges_and_adam": bridges,

@@ -117,3 +117,12 @@ def test_cost_model_counts_a_transformers_llama_with_grouped_query_attention():
     assert sum(p.numel() for p in model.parameters()) == size.params()
     assert even_connections(80, 32)[0] == (3, 9) and even_connections(80, 32)[-1] == (31, 79)
     assert 70e9 <= CASE.anchor.params() <= 71e9
+
+
+@pytest.mark.timeout(240)
+def test_the_cost_model_predicts_what_autograd_keeps_per_token_of_a_composition_step():
+    figures = parse_figures(run_quick("benchmarks.bench_activation_memory"))
+    assert set(figures) == {"activation_saved_bytes_per_token_relative_error", "activation_peak_growth_per_token_vs_saved"}
+    saved = figures["activation_saved_bytes_per_token_relative_error"]
+    assert saved["value"] <= saved["goal"], saved  # cost_model.saved_activation_elements against autograd's saves
+    assert figures["activation_peak_growth_per_token_vs_saved"]["value"] >= 1  # the peak holds what is kept
