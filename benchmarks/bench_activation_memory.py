@@ -1,6 +1,6 @@
 """Activation memory of a composition step per token of micro-batch, against the cost model's formula.
 
-Run: ``python -m benchmarks.bench_activation_memory [--quick]``. Two JSON lines on stdout.
+Run: ``python -m benchmarks.bench_activation_memory [--quick]``. Three JSON lines on stdout.
 
 The composed model is the one an anchor rank trains (``CALMModel`` with the anchor's linear layers as
 ``FrozenLinear``, as ``deepspeed.frozen_linear`` makes them; activations are not partitioned by ZeRO-3, so
@@ -16,6 +16,10 @@ freed buffers leave the resident set); the figures are slopes over those sizes, 
 * ``activation_peak_growth_per_token_vs_saved``: growth of the step's peak resident memory over the bytes
   kept for backward: what backward needs on top of them at its peak (gradients in flight, kernels'
   buffers). Goal: at most 1.5.
+* ``activation_peak_growth_per_token_checkpointed_vs_cost_model``: the same peak growth with
+  ``deepspeed.activation_checkpointing`` (``CALMModel.checkpoint_activations``) over the cost model's
+  checkpointed prediction (what it keeps while one layer is recomputed); autograd's hooks do not see inside
+  checkpointed layers, so the peak is the measure. Goal: at most 1.5.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ class StepMemory:
     """One step at ``rows`` x SEQ_LEN tokens: bytes kept for backward and the step's peak growth."""
 
     rows: int
-    saved_bytes: int
+    checkpointing: bool
+    saved_bytes: int  # outside checkpointed layers only
     peak_growth_bytes: int
 
     @property
@@ -59,13 +64,13 @@ def decoder_size(size: LlamaSize) -> DecoderSize:
     return DecoderSize(size.hidden, size.layers, size.heads, size.heads, size.intermediate, size.vocab)
 
 
-def predicted_saved_bytes_per_token() -> float:
+def predicted_saved_bytes_per_token(checkpointing: bool) -> float:
     composition = Composition(decoder_size(ANCHOR), decoder_size(AUGMENT), CONNECTIONS)
     step = Step(rows=1, seq_len=SEQ_LEN, labelled_fraction=LABELLED_FRACTION)
-    return 4 * sum(saved_activation_elements(composition, step).values())
+    return 4 * sum(saved_activation_elements(composition, step, checkpointing).values())
 
 
-def build_composition():
+def build_composition(checkpointing: bool):
     import calm_dist
     from calm_dist.distributed.frozen_linear import use_frozen_linear
     from transformers import LlamaForCausalLM
@@ -78,7 +83,7 @@ def build_composition():
         models.append(LlamaForCausalLM(config).eval())
     model = calm_dist.compose(models[0], models[1], connections=[list(pair) for pair in CONNECTIONS])
     use_frozen_linear(model.anchor)
-    return model
+    return model.checkpoint_activations() if checkpointing else model
 
 
 def batch(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +105,9 @@ def reset_peak_rss() -> None:
         handle.write("5")
 
 
-def measure_step(rows: int) -> StepMemory:
+def measure_step(rows: int, checkpointing: bool) -> StepMemory:
     """A warm-up step (optimizer state, the allocator), then the measured one."""
-    model = build_composition()
+    model = build_composition(checkpointing)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     input_ids, labels = batch(rows)
@@ -133,14 +138,15 @@ def measure_step(rows: int) -> StepMemory:
     step(record=False)
     peak_growth = peak_rss_since_reset() - before
     step(record=True)
-    return StepMemory(rows, sum(saved.values()), peak_growth)
+    return StepMemory(rows, checkpointing, sum(saved.values()), peak_growth)
 
 
-def measure_in_fresh_process(rows: int, threads: int) -> StepMemory:
+def measure_in_fresh_process(rows: int, checkpointing: bool, threads: int) -> StepMemory:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_activation_memory", "--child", str(rows)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "benchmarks.bench_activation_memory", "--child", str(rows)]
+    result = subprocess.run(command + (["--checkpointing"] if checkpointing else []), cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"the step at {rows} rows failed:\n{result.stderr[-3000:]}")
     return StepMemory(**json.loads(result.stdout.splitlines()[-1]))
@@ -155,19 +161,23 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller micro-batches (a smoke test)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure_step(args.child).__dict__), flush=True)
+        print(json.dumps(measure_step(args.child, args.checkpointing).__dict__), flush=True)
         return 0
     out = claim_stdout()
-    steps = [measure_in_fresh_process(rows, args.threads) for rows in (QUICK_ROWS if args.quick else ROWS)]
-    for step in steps:
-        log(f"{step.rows} x {SEQ_LEN} tokens: kept for backward {step.saved_bytes / 2**20:.1f} MiB, "
+    rows = list(QUICK_ROWS if args.quick else ROWS)
+    runs = {checkpointing: [measure_in_fresh_process(count, checkpointing, args.threads) for count in rows]
+            for checkpointing in (False, True)}
+    for step in runs[False] + runs[True]:
+        log(f"{step.rows} x {SEQ_LEN} tokens{', checkpointing' if step.checkpointing else ''}: kept for backward "
+            f"{step.saved_bytes / 2**20:.1f} MiB{' outside checkpointed layers' if step.checkpointing else ''}, "
             f"peak growth {step.peak_growth_bytes / 2**20:.1f} MiB")
-    saved, peak = per_token(*steps, "saved_bytes"), per_token(*steps, "peak_growth_bytes")
-    predicted = predicted_saved_bytes_per_token()
-    rows = [step.rows for step in steps]
+    saved, peak = per_token(*runs[False], "saved_bytes"), per_token(*runs[False], "peak_growth_bytes")
+    checkpointed_peak = per_token(*runs[True], "peak_growth_bytes")
+    predicted, predicted_checkpointed = predicted_saved_bytes_per_token(False), predicted_saved_bytes_per_token(True)
     print(figure_line("activation_saved_bytes_per_token_relative_error", max(abs(saved / predicted - 1), 1e-6), 0.05,
                       "lower", measured_over_predicted=round(saved / predicted, 5),
                       measured_bytes_per_token=round(saved, 1), predicted_bytes_per_token=round(predicted, 1),
@@ -175,6 +185,12 @@ def main(argv=None) -> int:
     print(figure_line("activation_peak_growth_per_token_vs_saved", peak / saved, 1.5, "lower",
                       peak_growth_bytes_per_token=round(peak, 1), saved_bytes_per_token=round(saved, 1),
                       rows=rows, seq_len=SEQ_LEN), file=out, flush=True)
+    print(figure_line("activation_peak_growth_per_token_checkpointed_vs_cost_model",
+                      checkpointed_peak / predicted_checkpointed, 1.5, "lower",
+                      peak_growth_bytes_per_token=round(checkpointed_peak, 1),
+                      predicted_bytes_per_token=round(predicted_checkpointed, 1),
+                      over_peak_without_checkpointing=round(checkpointed_peak / peak, 4), rows=rows, seq_len=SEQ_LEN),
+          file=out, flush=True)
     return 0
 
 

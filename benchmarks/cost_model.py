@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 
 GB = 1e9
@@ -189,16 +190,26 @@ def saved_activation_elements(model: Composition, step: Step, checkpointing: boo
     augment state, the projected memory, q, k, v, attention output and the output projection's input (its
     weights train); each augmenting model read by bridges one row of the cross-attention mask (one element
     per key position); the loss the log-probabilities of labelled positions (fp32). With activation
-    checkpointing (not checked here) each anchor layer above the first bridge keeps its input, plus one
-    layer's activations while it is recomputed."""
+    checkpointing (``CALMModel.checkpoint_activations``) each anchor layer above the first bridge keeps only
+    its input, and its bridges nothing; one such layer with its bridges is recomputed at a time in backward.
+    Only the bridges after the first bridge's layer keep their activations then (none when it is -1)."""
     anchor, hidden = model.anchor, model.anchor.hidden
     kv = hidden // anchor.heads * anchor.kv_heads
-    above = anchor.layers - 1 - model.first_bridge_layer()
+    first = model.first_bridge_layer()
+    above = anchor.layers - 1 - first
     layer = 4 * hidden + 2 * kv + 3 * anchor.intermediate + 2 + anchor.heads
-    layers = above * hidden + layer if checkpointing else above * layer
     bridge = 7 * hidden + model.augment.hidden + anchor.heads
+    # with checkpointing, bridges into the embeddings (-1, run with layer 0) or above the first bridge's layer
+    # are recomputed with their layer
+    recomputed = Counter(max(anchor_layer, 0) for _, anchor_layer in model.connections
+                         if anchor_layer > first or anchor_layer < 0)
+    if checkpointing:
+        layers = above * hidden + layer + max(recomputed.values(), default=0) * bridge
+        bridges = (model.bridges - sum(recomputed.values())) * bridge
+    else:
+        layers, bridges = above * layer, model.bridges * bridge
     return {"anchor_layers": layers, "rotary": 2 * hidden // anchor.heads, "final_norm": hidden + 1,
-            "bridges": model.bridges * bridge,
+            "bridges": bridges,
             "cross_masks": step.seq_len,  # one augmenting model here
             "labelled_log_probs": step.labelled_fraction * anchor.vocab}
 

@@ -43,6 +43,20 @@ def token_loss_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
     return {**composition_run(rank, world_size, inputs), "token_losses": records}
 
 
+def activation_checkpointing_run(rank: int, world_size: int, inputs: RunInputs) -> dict:
+    """composition_run whose anchor ranks also count the anchor layer calls run under activation checkpointing."""
+    import calm_dist.model.wrapped_layer as wrapped
+
+    original, calls = wrapped.checkpoint, []
+
+    def counting(function, *args, **kwargs):
+        calls.append(1)
+        return original(function, *args, **kwargs)
+
+    wrapped.checkpoint = counting
+    return {**composition_run(rank, world_size, inputs), "checkpointed_calls": len(calls)}
+
+
 def killed_while_checkpointing(rank: int, world_size: int, inputs: RunInputs, kill_step: int,
                                killed_anchor_rank: int | None = None) -> dict:
     """composition_run whose anchor rank (``killed_anchor_rank``, or every one) dies by SIGKILL in the middle

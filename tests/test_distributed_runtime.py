@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from calm_dist.distributed.augment_pipeline import AugmentStage
 from launcher.runtime import runtime_inputs
 from tests.dist_helpers import spawn
-from tests.dist_workers import composition_run, partition_facts
+from tests.dist_workers import activation_checkpointing_run, composition_run, partition_facts
 from tests.tiny_models import random_ids, tiny_model
 from tests.user_project import prepared_job, single_process_run
 
@@ -101,9 +101,12 @@ def test_wire_bytes_per_step_are_exactly_the_taps(job, plain, bf16_run, wire, wi
         assert all(math.isfinite(r.loss) for r in reports)
 
 
-def test_activation_checkpointing_gives_the_same_losses(job, plain, tmp_path):
-    checkpointed = spawn(composition_run, 2, (inputs_with(job, deepspeed__activation_checkpointing=True),),
-                         tmp_path / "checkpointed")
+def test_activation_checkpointing_recomputes_every_anchor_layer_under_zero3_with_equal_losses(job, plain, tmp_path):
+    checkpointed = spawn(activation_checkpointing_run, 2,
+                         (inputs_with(job, deepspeed__activation_checkpointing=True),), tmp_path / "checkpointed")
+    # a bridge into the embeddings: every anchor layer is above the first bridge and runs checkpointed
+    layers = job.models.anchor_facts.shape.num_layers
+    assert checkpointed[0]["checkpointed_calls"] == layers * len(plain[0]["losses"])
     assert max(abs(a - b) for a, b in zip(plain[0]["losses"], checkpointed[0]["losses"])) <= 1e-5
 
 

@@ -198,3 +198,44 @@ def test_a_bridge_generating_through_its_folded_memory_equals_it_projecting_keys
     assert memory.states.shape == (2, 1, 7, 12)  # augment_dim numbers per position, not 2 x anchor_dim
     assert full[1, :3].abs().max() == 0  # queries with no key add nothing
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("anchor_arch", ["llama", "gpt2"])
+def test_activation_checkpointing_recomputes_the_layers_above_the_first_bridge_only_and_changes_no_gradient(
+        anchor_arch):
+    import calm_dist
+    from calm_dist.model.layers import find_decoder_layers
+
+    plain = calm_dist.compose(tiny_model(anchor_arch, hidden=48, layers=4, heads=6, seed=1),
+                              tiny_model("llama", hidden=32, layers=4, heads=4, seed=2), connections=[(1, 1), (3, 3)])
+    randomise_bridges(plain)
+    checkpointed = copy.deepcopy(plain).checkpoint_activations()
+    ids = random_ids(2, 10)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    results = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        calls = [0] * 4
+
+        def count(index):
+            return lambda module, args: calls.__setitem__(index, calls[index] + 1)
+
+        for index, layer in enumerate(find_decoder_layers(model.anchor)):
+            # a pre-hook on the Hugging Face layer (inside a wrapper): a recomputation stops once it has what
+            # backward needs, before the layer returns
+            getattr(layer, "layer", layer).register_forward_pre_hook(count(index))
+        embedded = []
+        model.anchor.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: embedded.append(output.requires_grad))
+        model.train()
+        loss = model(ids, labels=labels, logits_for="labels").loss
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.trainable_parameters()], calls, embedded)
+    (loss, grads, calls, embedded), (ck_loss, ck_grads, ck_calls, ck_embedded) = (results["plain"],
+                                                                                  results["checkpointed"])
+    assert calls == [1, 1, 1, 1]
+    assert ck_calls == [1, 1, 2, 2]  # layers 2 and 3 run again in backward; 0 and 1 (up to the first bridge) never
+    assert embedded == ck_embedded == [False]  # no gradient below the first bridge
+    assert torch.equal(loss, ck_loss)
+    for plain_grad, checkpointed_grad in zip(grads, ck_grads):
+        torch.testing.assert_close(checkpointed_grad, plain_grad, atol=1e-6, rtol=1e-5)

@@ -186,6 +186,8 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
                               inputs.deepspeed.return_freed_memory)
     anchor = configure_anchor(anchor, inputs.deepspeed)
     model = inputs.composition.build(anchor, None, augment_shapes)
+    if inputs.deepspeed.activation_checkpointing:
+        model.checkpoint_activations()
     resume = inputs.resume
     engine, optimizer, _ = build_engine(model, inputs.deepspeed, inputs.train, micro,
                                         load_universal=resume is not None and resume.universal)

@@ -255,13 +255,11 @@ def _fill_gathered(parameter, handle, name: str) -> None:
 
 def configure_anchor(anchor, ds: DeepSpeedConfig):
     """Options applied to the loaded anchor: its linear layers save no gathered weight for backward
-    (``frozen_linear.py``); activation checkpointing recomputes each layer in backward."""
+    (``frozen_linear.py``). Activation checkpointing is the composed model's (``CALMModel.checkpoint_activations``)."""
     if ds.frozen_linear:
         from calm_dist.distributed.frozen_linear import use_frozen_linear
 
         use_frozen_linear(anchor)
-    if ds.activation_checkpointing:
-        anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return anchor
 
 

@@ -17,7 +17,7 @@ from calm_dist.model.connections import resolve_connections, resolve_per_model_c
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
 from calm_dist.model.loss import TokenStatistics, causal_lm_loss, predicting_positions, token_statistics
 from calm_dist.model.masks import cross_attention_allowed, position_ids_from_mask
-from calm_dist.model.wrapped_layer import wrap_anchor_layers
+from calm_dist.model.wrapped_layer import checkpoint_anchor_layers, wrap_anchor_layers
 
 
 @dataclass
@@ -100,6 +100,12 @@ class CALMModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.bridges.parameters())
+
+    def checkpoint_activations(self) -> "CALMModel":
+        """Activation checkpointing (``deepspeed.activation_checkpointing``): each anchor layer above the first
+        bridge keeps only its input for backward and runs again there, with the bridges it carries."""
+        checkpoint_anchor_layers(find_decoder_layers(self.anchor))
+        return self
 
     def composition_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"bridges.{name}": tensor for name, tensor in self.bridges.state_dict().items()}

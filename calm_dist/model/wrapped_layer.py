@@ -1,7 +1,9 @@
 """An anchor decoder layer wrapped with the bridges that add to its input or output."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from calm_dist.model.bridge import CompositionContext, CrossAttentionBridge
 
@@ -13,11 +15,19 @@ class ComposedDecoderLayer(nn.Module):
     references, so parameters have one name and the anchor's own state stays under ``layer``.
     The per-forward bridge inputs arrive as the ``calm_context`` keyword, which Hugging Face
     decoder stacks pass through to every layer; without it the wrapper is the plain layer.
+
+    ``checkpointed``: when its input carries a gradient (the layer is above the first bridge) or a bridge
+    adds to its input, the layer and its bridges keep only that input for backward and run again there
+    (activation checkpointing).
+    Hugging Face's own checkpointing cannot do this for a frozen anchor: it runs only in training mode,
+    which would switch the anchor's dropout on, and it makes the embeddings' output require a gradient, so
+    that backward would run through every layer below the first bridge too.
     """
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
+        self.checkpointed = False
         self._before: list[tuple[int, CrossAttentionBridge]] = []
         self._after: list[tuple[int, CrossAttentionBridge]] = []
 
@@ -32,6 +42,12 @@ class ComposedDecoderLayer(nn.Module):
         return hidden + residual if bridges else hidden
 
     def forward(self, hidden_states, *args, calm_context: CompositionContext | None = None, **kwargs):
+        if self.checkpointed and torch.is_grad_enabled() and (hidden_states.requires_grad or self._before):
+            return checkpoint(self._run, hidden_states, *args, calm_context=calm_context, use_reentrant=False,
+                              **kwargs)
+        return self._run(hidden_states, *args, calm_context=calm_context, **kwargs)
+
+    def _run(self, hidden_states, *args, calm_context: CompositionContext | None = None, **kwargs):
         if calm_context is not None:
             hidden_states = self._add_bridges(hidden_states, self._before, calm_context)
         output = self.layer(hidden_states, *args, **kwargs)
@@ -62,3 +78,13 @@ def wrap_anchor_layers(layers: nn.ModuleList, bridges, connections) -> list[Comp
             layers[position] = wrappers[position]
         wrappers[position].attach(index, bridge, before=anchor_layer < 0)
     return list(wrappers.values())
+
+
+def checkpoint_anchor_layers(layers: nn.ModuleList) -> int:
+    """Activation checkpointing for every anchor decoder layer (those without a bridge get a wrapper too), in
+    place; returns how many layers there are. Only layers above the first bridge recompute."""
+    for position, layer in enumerate(layers):
+        if not isinstance(layer, ComposedDecoderLayer):
+            layers[position] = ComposedDecoderLayer(layer)
+        layers[position].checkpointed = True
+    return len(layers)

@@ -196,14 +196,16 @@ def write_results(job: PreparedJob, composition_state: dict[str, torch.Tensor], 
 
 def build_local_model(job: PreparedJob):
     """The composed model over the job's saved models, in this process; with ``deepspeed.bf16`` the frozen base
-    models are loaded in bf16 (the bridges stay fp32: ``LoopSettings.bf16``)."""
+    models are loaded in bf16 (the bridges stay fp32: ``LoopSettings.bf16``), with
+    ``deepspeed.activation_checkpointing`` the anchor's layers recompute in backward."""
     from calm_dist.model.layers import model_shape
 
     dtype = job.config.deepspeed.base_model_dtype
     anchor = load_causal_lm(job.models.anchor_dir, "anchor.model.path", dtype)
     augments = [load_causal_lm(path, f"augment[{index}].model.path", dtype)
                 for index, path in enumerate(job.models.augment_dirs)]
-    return job.models.composition.build(anchor, augments, [model_shape(model) for model in augments])
+    model = job.models.composition.build(anchor, augments, [model_shape(model) for model in augments])
+    return model.checkpoint_activations() if job.config.deepspeed.activation_checkpointing else model
 
 
 def run_local_job(config: Config, log=print) -> Path:
