@@ -1,5 +1,6 @@
 """The torchrun launch path: 2 anchor ranks + 1 augment stage per augmenting model match the single-process
-run, write the same checkpoints, and a relaunch resumes from the latest one. Two augmenting models: one reads
+run, write the same checkpoints, and a relaunch resumes from the latest one; plain and with activation
+checkpointing. Two augmenting models: one reads
 the anchor's tokens, one its own tokenizer (chunks of 2 characters, whose tokens straddle the BPE anchor's), so
 both paths run under real torchrun in one launch."""
 import json
@@ -19,8 +20,8 @@ from tests.user_project import save_own_tokenizer_augment
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def settings(project, root: Path) -> list[str]:
-    return [f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}", "run.name=resumable",
+def settings(project, root: Path, *extra: str) -> list[str]:
+    return [*extra, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}", "run.name=resumable",
             f"anchor.model.path={project.anchor}",
             f"augment=[{{model: {{path: {project.augment}}}}}, {{model: {{path: {own_tokenizer_augment(project)}}}, "
             "connections: [[1, 0], [2, 2]]}]",
@@ -34,10 +35,10 @@ def own_tokenizer_augment(project) -> Path:
     return save_own_tokenizer_augment(project, 2, False)
 
 
-def torchrun(project, root: Path) -> subprocess.CompletedProcess:
+def torchrun(project, root: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
                str(free_port()), "-m", "launcher.train", "--config", "configs/example_composition.yaml", "--set",
-               *settings(project, root), "parallel.anchor_ranks=2", "parallel.augment_stages=1"]
+               *settings(project, root, *extra), "parallel.anchor_ranks=2", "parallel.augment_stages=1"]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
 
@@ -49,15 +50,16 @@ def by_step(records: list[dict]) -> tuple[dict, dict]:
 
 
 @pytest.mark.timeout(900)
-def test_torchrun_matches_one_process_and_a_relaunch_resumes(project, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("deepspeed.activation_checkpointing=true",)], ids=["plain", "checkpointing"])
+def test_torchrun_matches_one_process_and_a_relaunch_resumes(project, tmp_path, extra):
     from launcher.train import main
 
-    assert main(["--config", "configs/example_composition.yaml", "--set", *settings(project, tmp_path / "local"),
-                 "run.launcher=local", "checkpoint.every_steps=0"]) == 0
+    assert main(["--config", "configs/example_composition.yaml", "--set",
+                 *settings(project, tmp_path / "local", *extra), "run.launcher=local", "checkpoint.every_steps=0"]) == 0
     local_dir = next((tmp_path / "local" / "runs").iterdir())
     local_losses, local_evals = by_step(read_jsonl(local_dir / "metrics.jsonl"))
 
-    first = torchrun(project, tmp_path)
+    first = torchrun(project, tmp_path, *extra)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "resumable"
     assert first.stdout.strip().splitlines()[-1] == str(run_dir.resolve())
@@ -74,7 +76,7 @@ def test_torchrun_matches_one_process_and_a_relaunch_resumes(project, tmp_path):
     # The store as a crash right after step 4's checkpoint leaves it.
     shutil.rmtree(run_dir / "checkpoints" / checkpoint_name(6))
     (run_dir / "checkpoints" / "latest").write_text(checkpoint_name(4))
-    second = torchrun(project, tmp_path)
+    second = torchrun(project, tmp_path, *extra)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from checkpoint {checkpoint_name(4)}" in second.stdout + second.stderr
     records = read_jsonl(run_dir / "metrics.jsonl")
