@@ -1,8 +1,7 @@
 """The torchrun launch path: 2 anchor ranks + 1 augment stage per augmenting model match the single-process
 run, write the same checkpoints, and a relaunch resumes from the latest one; plain and with activation
-checkpointing. Two augmenting models: one reads
-the anchor's tokens, one its own tokenizer (chunks of 2 characters, whose tokens straddle the BPE anchor's), so
-both paths run under real torchrun in one launch."""
+checkpointing. Two augmenting models: one reads the anchor's tokens, one its own tokenizer (chunks of 2
+characters, whose tokens straddle the BPE anchor's), so both paths run under real torchrun in one launch."""
 import json
 import os
 import shutil
