@@ -138,6 +138,12 @@ class LlamaSize:
                            intermediate_size=self.intermediate, max_position_embeddings=256,
                            tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=0)
 
+    def decoder_size(self):
+        """The cost model's description of this Llama (``cost_model.DecoderSize``)."""
+        from benchmarks.cost_model import DecoderSize
+
+        return DecoderSize(self.hidden, self.layers, self.heads, self.heads, self.intermediate, self.vocab)
+
     def layer_params(self) -> int:
         return 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
 

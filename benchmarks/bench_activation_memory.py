@@ -29,12 +29,13 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from benchmarks._common import REPO_ROOT, LlamaSize, claim_stdout, current_rss_bytes, figure_line, log
-from benchmarks.cost_model import Composition, DecoderSize, Step, saved_activation_elements
+from benchmarks.cost_model import Composition, Step, saved_activation_elements
 
 ANCHOR = LlamaSize(512, 6, 8, 1376, vocab=1000)
 AUGMENT = LlamaSize(256, 4, 4, 688, vocab=1000)
@@ -60,12 +61,8 @@ class StepMemory:
         return self.rows * SEQ_LEN
 
 
-def decoder_size(size: LlamaSize) -> DecoderSize:
-    return DecoderSize(size.hidden, size.layers, size.heads, size.heads, size.intermediate, size.vocab)
-
-
 def predicted_saved_bytes_per_token(checkpointing: bool) -> float:
-    composition = Composition(decoder_size(ANCHOR), decoder_size(AUGMENT), CONNECTIONS)
+    composition = Composition(ANCHOR.decoder_size(), AUGMENT.decoder_size(), CONNECTIONS)
     step = Step(rows=1, seq_len=SEQ_LEN, labelled_fraction=LABELLED_FRACTION)
     return 4 * sum(saved_activation_elements(composition, step, checkpointing).values())
 
@@ -121,11 +118,7 @@ def measure_step(rows: int, checkpointing: bool) -> StepMemory:
 
     def step(record: bool) -> None:
         model.train()
-        hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor) if record else None
-        if hooks is not None:
-            with hooks:
-                loss = model(input_ids, labels=labels, logits_for="labels").loss
-        else:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor) if record else nullcontext():
             loss = model(input_ids, labels=labels, logits_for="labels").loss
         loss.backward()
         optimizer.step()

@@ -46,7 +46,7 @@ def connections_for(size: LlamaSize) -> tuple[tuple[int, int], ...]:
 
 
 def composition_of(size: LlamaSize) -> Composition:
-    anchor = DecoderSize(size.hidden, size.layers, size.heads, size.heads, size.intermediate, size.vocab)
+    anchor = size.decoder_size()
     augment = DecoderSize(AUGMENT_HIDDEN, 2, 4, 4, 2 * AUGMENT_HIDDEN, size.vocab)
     return Composition(anchor, augment, connections_for(size))
 

@@ -139,8 +139,8 @@ class CrossAttentionBridge(nn.Module):
         folded = _per_head(queries, key_map.to(queries.dtype)).reshape(batch, 1, heads * length, -1)
         if mask is not None:
             mask = mask.repeat(1, 1, heads, 1)
-        mixed = F.scaled_dot_product_attention(folded, states.to(folded.dtype), states.to(folded.dtype),
-                                               attn_mask=mask, scale=self.head_dim ** -0.5)
+        states = states.to(folded.dtype)
+        mixed = F.scaled_dot_product_attention(folded, states, states, attn_mask=mask, scale=self.head_dim ** -0.5)
         mixed = mixed.view(batch, heads, length, -1)
         return _per_head(mixed, value_map.to(mixed.dtype).transpose(1, 2)) + value_bias.to(mixed.dtype)
 

@@ -190,7 +190,7 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def _crop_projected(bridge_cache, length: int) -> None:
+def _crop_memory(bridge_cache, length: int) -> None:
     """A bridge's memory of augment states (``BridgeMemory``, HF's crop convention) to its first ``length``."""
     extra = bridge_cache.length - length
     if extra > 0:
@@ -270,4 +270,4 @@ class AlignedCaches:
         for cache, length in zip(self.caches.augments, lengths):
             _crop(cache, length)
         for bridge_cache, source in zip(self.caches.bridges, self.model.bridge_sources):
-            _crop_projected(bridge_cache, lengths[source])
+            _crop_memory(bridge_cache, lengths[source])
