@@ -57,6 +57,8 @@ class CompositionConfig:
     connections: list[list[int]] | None = None  # [[augment_layer, anchor_layer], ...]; 0-based, anchor -1 = embeddings
     relative_scale: bool = False  # bridge output scaled by the anchor's per-token RMS (see README)
     seed: int | None = None  # the bridges' initial weights and the order of training batches; null = run.seed
+    position_buckets: int = 0  # > 0: a learned logit per head by anchor-augment position distance (see README)
+    aligned_logit: float = 8.0  # its starting value at distance 0: each position starts reading its own token
 
 
 @dataclass
@@ -322,7 +324,7 @@ _POSITIVE = (
     "parallel.timeout_s",
 )
 _NON_NEGATIVE = (
-    "run.seed", "composition.seed", "run.threads", "train.warmup_steps", "eval.every_steps",
+    "run.seed", "composition.seed", "composition.position_buckets", "run.threads", "train.warmup_steps", "eval.every_steps",
     "checkpoint.every_steps",
     "train.weight_decay", "train.grad_clip", "data.num_proc", "deepspeed.param_persistence_threshold",
     "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",

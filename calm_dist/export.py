@@ -32,6 +32,7 @@ def save_composition(
     connections: Sequence[Sequence[tuple[int, int]]],
     *,
     relative_scale: bool = False,
+    position_buckets: int = 0,
     tokenizer: str | os.PathLike | Any | None = None,
     metadata: Mapping[str, Any] | None = None,
     augment_tokenizers: Sequence[str | os.PathLike | Any | None] | None = None,
@@ -46,7 +47,7 @@ def save_composition(
       still have (ValueError otherwise). Local paths are recorded absolute.
     - ``connections``: one list of ``(augment_layer, anchor_layer)`` pairs per augmenting model
       (``CALMModel.augment_connections``).
-    - ``relative_scale``: the composition's (config ``composition.relative_scale``).
+    - ``relative_scale``, ``position_buckets``: the composition's (config ``composition.*``).
     - ``tokenizer``: the anchor's tokenizer, as a directory or a tokenizer object; default the anchor's
       directory (FileNotFoundError if it holds none).
     - ``metadata``: JSON-serialisable facts kept as ``config.json``'s ``calm_metadata`` (run, step, ...).
@@ -79,6 +80,7 @@ def save_composition(
         augments=tuple(ref for ref, _ in identified),
         connections=tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in connections),
         relative_scale=bool(relative_scale),
+        position_buckets=int(position_buckets),
         own_tokenizer=tuple(own is not None for own in own_tokenizers) if any(own_tokenizers) else (),
     )
     anchor_config = AutoConfig.from_pretrained(anchor_dir)

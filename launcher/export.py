@@ -56,6 +56,7 @@ class CheckpointComposition:
     tokenizer: str | None  # the anchor's tokenizer directory, when the checkpoint names one
     # per augmenting model reading its own tokenisation: its tokenizer's directory (None: the anchor's ids)
     augment_tokenizers: tuple[str | None, ...] = ()
+    position_buckets: int = 0
 
 
 def composition_from_meta(meta: dict) -> CheckpointComposition:
@@ -99,6 +100,7 @@ def composition_from_meta(meta: dict) -> CheckpointComposition:
         relative_scale=bool(relative_scale),
         tokenizer=meta.get("tokenizer"),
         augment_tokenizers=tuple(own_tokenizer_dir(model) if flag else None for model, flag in enumerate(own)),
+        position_buckets=int((meta.get("composition") or {}).get("position_buckets", 0)),
     )
 
 
@@ -118,7 +120,8 @@ def export(args) -> Path:
     try:
         return save_composition(
             Path(args.out), consolidated_composition(store, name), composition.anchor, composition.augments,
-            composition.connections, relative_scale=composition.relative_scale, tokenizer=tokenizer,
+            composition.connections, relative_scale=composition.relative_scale,
+            position_buckets=composition.position_buckets, tokenizer=tokenizer,
             metadata={"step": meta["step"], "checkpoint": name, "run_config": meta.get("config")},
             # the checkpoint records which models read their own tokens; none recorded: all read the anchor's
             augment_tokenizers=list(composition.augment_tokenizers) or [None] * len(composition.augments),

@@ -143,3 +143,21 @@ def test_composition_seed_defaults_to_run_seed_and_leaves_data_seeded_by_it():
     assert second.run.seed == 3  # data preparation, eval splits and recipes' base models keep theirs
     with pytest.raises(ValueError, match="composition.seed"):
         load_config(None, ["composition.seed=-1"])
+
+
+def test_position_buckets_reach_the_composition_and_are_refused_before_any_work_where_they_cannot_apply():
+    from calm_dist.model.layers import ModelShape, SavedModelFacts
+    from calm_dist.train.models import resolve_composition
+
+    def facts(layers):
+        return SavedModelFacts(ModelShape(layers, 32, 4, 100), (1,) * layers, layers, None, "llama")
+
+    config = load_config(None, ["composition.position_buckets=6", "composition.aligned_logit=5.0"])
+    spec = resolve_composition(config, facts(4), [facts(4)])
+    assert (spec.position_buckets, spec.aligned_logit) == (6, 5.0)
+    assert spec.to_dict()["position_buckets"] == 6 and type(spec).from_dict(spec.to_dict()) == spec
+    assert "position_buckets" not in resolve_composition(load_config(None, []), facts(4), [facts(4)]).to_dict()
+    with pytest.raises(ValueError, match="composition.position_buckets"):
+        load_config(None, ["composition.position_buckets=-1"])
+    with pytest.raises(ValueError, match="'composition.position_buckets'.*tokenizer of their own"):
+        resolve_composition(config, facts(4), [facts(4)], own_tokenizer=(True,))

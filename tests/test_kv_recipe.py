@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from calm_dist.config import load_config
@@ -194,6 +195,27 @@ def test_zero_unseen_embeddings_zeroes_exactly_the_tokens_absent_from_training(t
     rows_zero = model.get_input_embeddings().weight.abs().sum(-1) == 0
     assert zeroed == len(tokenizer) - len(seen) >= 40  # every key is unseen by m_B (tiny.yaml: 40 keys)
     assert rows_zero.nonzero().flatten().tolist() == sorted(set(range(len(tokenizer))) - seen)
+
+
+def test_unseen_embeddings_can_be_reset_to_the_mean_embedding_of_the_values_a_key_stands_for(tiny_run):
+    base, first = tiny_run
+    config = load_config(TINY, [f"run.cache_dir={base / 'cache'}", "recipe.anchor.unseen_as_mean_value=true",
+                                "recipe.anchor.zero_unseen_embeddings=true"])
+    files = TaskFiles(Path(load_config(run_dir_of(first) / "config.yaml").data.train).parent)
+    task = anchor_task(config, recipe_settings(config), files)
+    assert task.value_tokens == tuple(str(v) for v in range(recipe_settings(config).data.value_max + 1))
+    tokenizer = load_tokenizer(files.tokenizer_dir)
+    model = build_model(task.settings.model, Vocabulary.of(tokenizer), seed=0)
+    values = torch.tensor(tokenizer.convert_tokens_to_ids(list(task.value_tokens)))
+    seen_ids = seen_token_ids(tokenised(task))
+    expected = model.get_input_embeddings().weight[values].mean(0).detach().clone()
+    zero_unseen_embeddings(model, seen_ids, values)
+    weight = model.get_input_embeddings().weight.detach()
+    unseen = sorted(set(range(len(tokenizer))) - set(seen_ids.tolist()))
+    assert torch.equal(weight[unseen], expected.expand(len(unseen), -1)) and expected.abs().sum() > 0
+    with pytest.raises(ValueError, match="recipe.anchor.unseen_as_mean_value"):
+        recipe_settings(load_config(TINY, ["recipe.anchor.unseen_as_mean_value=true",
+                                           "recipe.anchor.zero_unseen_embeddings=false"]))
 
 
 def test_bad_override_fails_before_anything_runs(tmp_path):

@@ -171,15 +171,17 @@ def test_augment_layers_above_the_deepest_tap_do_not_run():
     model(random_ids(1, 5))
 
 
-@pytest.mark.parametrize("relative_scale", [False, True])
-def test_a_bridge_generating_through_its_folded_memory_equals_it_projecting_keys_and_values(relative_scale):
+@pytest.mark.parametrize("relative_scale,position_buckets", [(False, 0), (True, 0), (False, 3)])
+def test_a_bridge_generating_through_its_folded_memory_equals_it_projecting_keys_and_values(relative_scale,
+                                                                                           position_buckets):
     """Prefix then one token at a time through ``BridgeMemory`` (raw augment states, folded key/value
     weights) against one full forward that projects keys and values; padding leaves queries with no key."""
     from calm_dist.model.bridge import BridgeInput, CrossAttentionBridge, CrossMask
     from calm_dist.model.cache import BridgeMemory
 
     torch.manual_seed(0)
-    bridge = CrossAttentionBridge(augment_dim=12, anchor_dim=16, num_heads=4, relative_scale=relative_scale)
+    bridge = CrossAttentionBridge(augment_dim=12, anchor_dim=16, num_heads=4, relative_scale=relative_scale,
+                                  position_buckets=position_buckets)
     for parameter in bridge.parameters():
         torch.nn.init.normal_(parameter, std=0.5)
     hidden, states = torch.randn(2, 7, 16), torch.randn(2, 7, 12)

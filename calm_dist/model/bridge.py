@@ -4,6 +4,11 @@ For a connection (augment layer i -> anchor layer j):
     H_B^j <- H_B^j + W_o · MHA(q = W_q H_B^j, k = W_k f_proj(H_A^i), v = W_v f_proj(H_A^i))
 with f_proj: Linear(D_A -> D_B), the anchor's head count, and W_o zero-initialised so that the
 composed model equals the anchor at initialisation.
+
+With ``position_buckets`` (not in the paper) each head also adds a learned logit for the distance between
+the anchor position and the augment position (one bucket per distance, the last for every longer one),
+bucket 0 starting at ``aligned_logit``: a bridge then starts out reading the augment state of the same
+token, which its content alone cannot single out where the anchor's state carries nothing of that token.
 """
 from __future__ import annotations
 
@@ -81,8 +86,15 @@ def _per_head(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return torch.bmm(by_head, maps).view(heads, batch, length, -1).transpose(0, 1)
 
 
+def _added(mask: torch.Tensor | None, logits: torch.Tensor | None) -> torch.Tensor | None:
+    if logits is None:
+        return mask
+    return logits if mask is None else mask + logits
+
+
 class CrossAttentionBridge(nn.Module):
-    def __init__(self, augment_dim: int, anchor_dim: int, num_heads: int, relative_scale: bool = False):
+    def __init__(self, augment_dim: int, anchor_dim: int, num_heads: int, relative_scale: bool = False,
+                 position_buckets: int = 0, aligned_logit: float = 0.0):
         super().__init__()
         self.relative_scale = relative_scale
         if anchor_dim % num_heads != 0:
@@ -97,6 +109,21 @@ class CrossAttentionBridge(nn.Module):
         self.v_proj = nn.Linear(anchor_dim, anchor_dim, bias=False)
         self.o_proj = nn.Linear(anchor_dim, anchor_dim, bias=False)
         nn.init.zeros_(self.o_proj.weight)
+        self.position_bias = None
+        if position_buckets:
+            bias = torch.zeros(num_heads, position_buckets)
+            bias[:, 0] = aligned_logit
+            self.position_bias = nn.Parameter(bias)  # [H, buckets]: logit by anchor position - augment position
+
+    def _position_logits(self, query_len: int, key_len: int, like: torch.Tensor) -> torch.Tensor | None:
+        """[1, H, Q, S]: each head's logit for the distance from each query (the last Q of S positions) to each
+        key; positions after the query are masked anyway and share bucket 0."""
+        if self.position_bias is None:
+            return None
+        queries = torch.arange(key_len - query_len, key_len, device=like.device)
+        distance = queries[:, None] - torch.arange(key_len, device=like.device)[None, :]
+        buckets = self.position_bias.shape[1]
+        return self.position_bias.to(device=like.device, dtype=like.dtype)[:, distance.clamp(0, buckets - 1)][None]
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -129,6 +156,7 @@ class CrossAttentionBridge(nn.Module):
         memory = bridge_input.cache
         if memory is None:
             keys, values = self.project_memory(bridge_input.augment_hidden)
+            mask = _added(mask, self._position_logits(queries.shape[2], keys.shape[2], queries))
             return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         states = memory.extend(self._as_weights(bridge_input.augment_hidden).unsqueeze(1))  # [B, 1, S, D_A]
         if memory.folded is None:
@@ -139,6 +167,9 @@ class CrossAttentionBridge(nn.Module):
         folded = _per_head(queries, key_map.to(queries.dtype)).reshape(batch, 1, heads * length, -1)
         if mask is not None:
             mask = mask.repeat(1, 1, heads, 1)
+        positions = self._position_logits(length, states.shape[2], folded)
+        if positions is not None:
+            mask = _added(mask, positions.reshape(1, 1, heads * length, -1))
         states = states.to(folded.dtype)
         mixed = F.scaled_dot_product_attention(folded, states, states, attn_mask=mask, scale=self.head_dim ** -0.5)
         mixed = mixed.view(batch, heads, length, -1)

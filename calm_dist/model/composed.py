@@ -49,11 +49,13 @@ class CALMModel(nn.Module):
     """
 
     def __init__(self, anchor: nn.Module, augment, connections, augment_shape: ModelShape | Sequence[ModelShape],
-                 relative_scale: bool = False, own_tokenizer: Sequence[bool] | None = None):
+                 relative_scale: bool = False, own_tokenizer: Sequence[bool] | None = None,
+                 position_buckets: int = 0, aligned_logit: float = 0.0):
         super().__init__()
         augments, per_model_connections, shapes = _augment_specs(augment, connections, augment_shape)
         # Models with a tokenizer of their own read their own tokenisation (augment_inputs), never the anchor's ids.
         self.own_tokenizer = list(own_tokenizer) if own_tokenizer is not None else [False] * len(shapes)
+        check_position_buckets(position_buckets, self.own_tokenizer)
         self.anchor = freeze(anchor)
         self._anchor_slices_logits = "logits_to_keep" in inspect.signature(anchor.forward).parameters
         self.augments = nn.ModuleList(freeze(model) for model in augments) if augments[0] is not None else augments
@@ -64,7 +66,7 @@ class CALMModel(nn.Module):
         self.bridge_sources = [index for index, pairs in enumerate(per_model_connections) for _ in pairs]
         self.bridges = nn.ModuleList(
             CrossAttentionBridge(shapes[source].hidden_size, self.anchor_shape.hidden_size,
-                                 self.anchor_shape.num_heads, relative_scale)
+                                 self.anchor_shape.num_heads, relative_scale, position_buckets, aligned_logit)
             for source in self.bridge_sources
         )
         self.bridges.to(next(anchor.parameters()).device)
@@ -72,6 +74,11 @@ class CALMModel(nn.Module):
         for model in augments:
             if model is not None:
                 wrap_augment_layers(find_decoder_layers(model))
+
+    @property
+    def position_buckets(self) -> int:
+        bias = self.bridges[0].position_bias
+        return 0 if bias is None else bias.shape[1]
 
     @property
     def augment(self) -> nn.Module | None:
@@ -318,36 +325,54 @@ class CompositionSpec:
     # per augmenting model: whether it reads its own tokenizer's tokens (aligned by character offsets);
     # empty = every model reads the anchor's ids
     own_tokenizer: tuple[bool, ...] = ()
+    position_buckets: int = 0  # bridges' learned logit by position distance (0: none, the paper's bridge)
+    aligned_logit: float = 0.0  # its starting value at distance 0
 
     def to_dict(self) -> dict:
         data = {"connections": [[list(pair) for pair in pairs] for pairs in self.connections],
                 "relative_scale": self.relative_scale, "seed": self.seed}
         if any(self.own_tokenizer):  # absent when all share the anchor's: earlier records stay equal
             data["own_tokenizer"] = list(self.own_tokenizer)
+        if self.position_buckets:  # likewise
+            data.update(position_buckets=self.position_buckets, aligned_logit=self.aligned_logit)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompositionSpec":
         return cls(tuple(tuple((int(a), int(b)) for a, b in pairs) for pairs in data["connections"]),
                    bool(data["relative_scale"]), int(data["seed"]),
-                   tuple(bool(own) for own in data.get("own_tokenizer", ())))
+                   tuple(bool(own) for own in data.get("own_tokenizer", ())),
+                   int(data.get("position_buckets", 0)), float(data.get("aligned_logit", 0.0)))
 
     def build(self, anchor: nn.Module, augments: Sequence[nn.Module] | None,
               augment_shapes: Sequence[ModelShape]) -> "CALMModel":
         return build_calm(anchor, augments, augment_shapes, self.connections, relative_scale=self.relative_scale,
-                          seed=self.seed, own_tokenizer=self.own_tokenizer or None)
+                          seed=self.seed, own_tokenizer=self.own_tokenizer or None,
+                          position_buckets=self.position_buckets, aligned_logit=self.aligned_logit)
+
+
+def check_position_buckets(position_buckets: int, own_tokenizer: Sequence[bool]) -> None:
+    """Position distances mean something only where both models read the same tokens."""
+    if isinstance(position_buckets, bool) or not isinstance(position_buckets, int) or position_buckets < 0:
+        raise ValueError(f"position_buckets must be an integer >= 0 (0: no position logits), got {position_buckets!r}")
+    own = [index for index, flag in enumerate(own_tokenizer) if flag]
+    if position_buckets and own:
+        raise ValueError(f"position_buckets={position_buckets} needs every augmenting model to read the anchor's "
+                         f"tokens: augmenting models {own} have a tokenizer of their own, so their positions are "
+                         f"not the anchor's; set it to 0")
 
 
 def build_calm(anchor: nn.Module, augments: Sequence[nn.Module] | None, augment_shapes: Sequence[ModelShape],
                connections: Sequence[Sequence[tuple[int, int]]], *, relative_scale: bool = False,
-               seed: int | None = None, own_tokenizer: Sequence[bool] | None = None) -> CALMModel:
+               seed: int | None = None, own_tokenizer: Sequence[bool] | None = None,
+               position_buckets: int = 0, aligned_logit: float = 0.0) -> CALMModel:
     """The one constructor every path uses: the single-process model, every anchor rank (``augments=None``:
     their states arrive over the wire) and every export. ``connections`` holds one resolved list of pairs
     per augmenting model. With ``seed``, the bridges' initial weights depend on it alone, not on the
     global RNG."""
     def build():
         return CALMModel(anchor, None if augments is None else list(augments), [list(p) for p in connections],
-                         list(augment_shapes), relative_scale, own_tokenizer)
+                         list(augment_shapes), relative_scale, own_tokenizer, position_buckets, aligned_logit)
 
     if seed is None:
         return build()
@@ -385,6 +410,8 @@ def compose(
     relative_scale: bool = False,
     shared_tokenizer: bool | Sequence[bool] = True,
     seed: int | None = None,
+    position_buckets: int = 0,
+    aligned_logit: float = 8.0,
 ) -> CALMModel:
     """Compose a frozen anchor (m_B) with one or several frozen augmenting models (m_A).
 
@@ -402,6 +429,10 @@ def compose(
     tokenizers). False lets it have its own tokenizer; pass its tokenisation of the same texts to
     forward/step as ``augment_inputs`` (see ``alignment.py``).
     ``seed`` makes the bridges' initial weights depend on it alone (default: the global RNG).
+    ``position_buckets`` > 0 (not in the paper; augmenting models that read the anchor's tokens only) gives
+    every bridge head a learned logit per distance between anchor and augment position, the last bucket
+    for every longer distance, distance 0 starting at ``aligned_logit``: each anchor position starts out
+    reading the augment state of its own token.
     """
     several = isinstance(augment, (list, tuple))
     augments = list(augment) if several else [augment]
@@ -419,4 +450,5 @@ def compose(
     else:
         per_model = [resolve_connections(shapes[0].num_layers, anchor_shape.num_layers, every_n, connections)]
     return build_calm(anchor, augments, shapes, per_model, relative_scale=relative_scale, seed=seed,
-                      own_tokenizer=[not shared for shared in shares])
+                      own_tokenizer=[not shared for shared in shares], position_buckets=position_buckets,
+                      aligned_logit=aligned_logit)

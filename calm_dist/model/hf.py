@@ -58,6 +58,7 @@ class ExportSpec:
     connections: tuple[tuple[tuple[int, int], ...], ...]
     relative_scale: bool = False
     own_tokenizer: tuple[bool, ...] = ()  # per augmenting model: reads its own tokenizer's tokens (empty: none)
+    position_buckets: int = 0  # the bridges' position logits (0: none)
 
     def __post_init__(self):
         if not self.augments or len(self.augments) != len(self.connections):
@@ -86,6 +87,7 @@ class CALMConfig(PretrainedConfig):
     anchor: dict | None = None
     augments: list | None = None
     relative_scale: bool = False
+    position_buckets: int = 0
     calm_metadata: dict | None = None
     vocab_size: int | None = None
     bos_token_id: int | None = None
@@ -108,6 +110,7 @@ class CALMConfig(PretrainedConfig):
                       for index, (ref, pairs, own) in enumerate(zip(spec.augments, spec.connections,
                                                                     spec.own_tokenizer or [False] * len(spec.augments)))],
             relative_scale=bool(spec.relative_scale),
+            position_buckets=int(spec.position_buckets),
             calm_metadata=dict(metadata or {}),
             architectures=["CALMForCausalLM"],
             **tokens,
@@ -123,6 +126,7 @@ class CALMConfig(PretrainedConfig):
             relative_scale=bool(self.relative_scale),
             own_tokenizer=tuple(bool(entry.get("tokenizer")) for entry in self.augments)
             if any(entry.get("tokenizer") for entry in self.augments) else (),
+            position_buckets=int(self.position_buckets or 0),
         )
 
 
@@ -209,7 +213,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         spec = ExportSpec(anchor_ref, augment_refs,
                           tuple(tuple(pairs) for pairs in calm.augment_connections),
                           bool(calm.bridges[0].relative_scale),
-                          tuple(calm.own_tokenizer) if any(calm.own_tokenizer) else ())
+                          tuple(calm.own_tokenizer) if any(calm.own_tokenizer) else (),
+                          calm.position_buckets)
         model = cls(CALMConfig.from_spec(spec, calm.anchor.config, metadata), calm)
         model.generation_config = _generation_config_of(calm.anchor, model.config)
         return model.train(calm.training)
@@ -462,9 +467,10 @@ def compose_spec(anchor, augments: Sequence, spec: ExportSpec) -> CALMModel:
     shared = [not own for own in spec.own_tokenizer] if spec.own_tokenizer else True
     if len(augments) == 1:
         return compose(anchor, augments[0], connections=list(spec.connections[0]),
-                       relative_scale=spec.relative_scale, shared_tokenizer=shared)
+                       relative_scale=spec.relative_scale, shared_tokenizer=shared,
+                       position_buckets=spec.position_buckets)
     return compose(anchor, list(augments), connections=[list(pairs) for pairs in spec.connections],
-                   relative_scale=spec.relative_scale, shared_tokenizer=shared)
+                   relative_scale=spec.relative_scale, shared_tokenizer=shared, position_buckets=spec.position_buckets)
 
 
 def place_bridges(calm: CALMModel, dtype: torch.dtype) -> None:

@@ -161,7 +161,8 @@ def export_composition(job: PreparedJob, composition_state: dict[str, torch.Tens
     models = job.models
     return save_composition(job.run_dir / "export", composition_state, ref(models.anchor_dir),
                             [ref(path) for path in models.augment_dirs], models.composition.connections,
-                            relative_scale=models.composition.relative_scale, tokenizer=models.tokenizer_dir,
+                            relative_scale=models.composition.relative_scale,
+                            position_buckets=models.composition.position_buckets, tokenizer=models.tokenizer_dir,
                             metadata={"run": job.config.run.name, "step": job.config.train.max_steps,
                                       "data": job.data.fingerprint},
                             # the plan decided each model's tokens: None = the anchor's ids

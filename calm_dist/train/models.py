@@ -7,7 +7,7 @@ from pathlib import Path
 
 from calm_dist.config import Config, ModelSource, composition_seed
 from calm_dist.model.alignment import tokenizer_difference
-from calm_dist.model.composed import CompositionSpec
+from calm_dist.model.composed import CompositionSpec, check_position_buckets
 from calm_dist.model.connections import resolve_connections
 from calm_dist.model.layers import SavedModelFacts, saved_model_facts
 
@@ -98,8 +98,14 @@ def resolve_composition(config: Config, anchor: SavedModelFacts, augments: list[
                 None if pairs is None else [tuple(p) for p in pairs])))
         except ValueError as error:
             raise ValueError(f"config key '{key}.{'connections' if pairs is not None else 'every_n'}': {error}") from None
-    return CompositionSpec(tuple(per_model), config.composition.relative_scale, composition_seed(config),
-                           own_tokenizer if any(own_tokenizer) else ())
+    spec = CompositionSpec(tuple(per_model), config.composition.relative_scale, composition_seed(config),
+                           own_tokenizer if any(own_tokenizer) else (), config.composition.position_buckets,
+                           config.composition.aligned_logit if config.composition.position_buckets else 0.0)
+    try:
+        check_position_buckets(spec.position_buckets, spec.own_tokenizer)
+    except ValueError as error:
+        raise ValueError(f"config key 'composition.position_buckets': {error}") from None
+    return spec
 
 
 def _facts(directory: Path, key: str) -> SavedModelFacts:

@@ -33,14 +33,19 @@ def augment_task(config: Config, settings: RecipeSettings, files: TaskFiles, *, 
     """m_A, or a model like m_A (architecture, settings, seed) trained on other rows or tokens."""
     return PretrainTask(role, settings.augment, augment_seed(config), training_file or files.path(AUGMENT_TRAIN),
                         files.path(eval_set), tokenizer_dir or files.tokenizer_dir, longest or max_length(settings.data),
-                        Path(config.run.cache_dir))
+                        Path(config.run.cache_dir), value_tokens(settings))
 
 
 def anchor_task(config: Config, settings: RecipeSettings, files: TaskFiles) -> PretrainTask:
     """m_B: Numeric-Arithmetic, never a key."""
     return PretrainTask("anchor", settings.anchor, anchor_seed(config), files.path(ANCHOR_TRAIN),
                         files.path(NUMERIC_ARITHMETIC), files.tokenizer_dir, max_length(settings.data),
-                        Path(config.run.cache_dir))
+                        Path(config.run.cache_dir), value_tokens(settings))
+
+
+def value_tokens(settings: RecipeSettings) -> tuple[str, ...]:
+    """The numbers a key can stand for, as tokens."""
+    return tuple(str(value) for value in range(settings.data.value_max + 1))
 
 
 def vanilla_augment_task(config: Config, settings: RecipeSettings, files: TaskFiles) -> PretrainTask:

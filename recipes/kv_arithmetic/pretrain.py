@@ -43,6 +43,7 @@ class PretrainTask:
     tokenizer_dir: Path
     max_length: int  # tokens of the longest row
     cache_dir: Path  # run.cache_dir
+    value_tokens: tuple[str, ...] = ()  # the numbers a key can stand for (settings.unseen_as_mean_value)
 
     @property
     def max_positions(self) -> int:
@@ -72,13 +73,14 @@ def seen_token_ids(data: dp.PreparedData) -> torch.Tensor:
     return torch.from_numpy(pc.unique(pc.list_flatten(ids)).to_numpy().astype("int64"))
 
 
-def zero_unseen_embeddings(model, seen: torch.Tensor) -> int:
-    """Zeroes the input embeddings of the tokens not in ``seen``; returns their count."""
+def zero_unseen_embeddings(model, seen: torch.Tensor, mean_of: torch.Tensor | None = None) -> int:
+    """Sets the input embeddings of the tokens not in ``seen`` to zero, or to the mean embedding of the token ids
+    ``mean_of``; returns their count."""
     embeddings = model.get_input_embeddings().weight
     unseen = torch.ones(embeddings.shape[0], dtype=torch.bool)
     unseen[seen] = False
     with torch.no_grad():
-        embeddings[unseen] = 0
+        embeddings[unseen] = 0 if mean_of is None else embeddings[mean_of].mean(0)
     return int(unseen.sum())
 
 
@@ -112,7 +114,9 @@ def pretrain(task: PretrainTask, data: dp.PreparedData, threads: int = 0, done=N
     seconds = time.perf_counter() - started
     if done is not None:
         done.set()
-    zeroed = zero_unseen_embeddings(model, seen_token_ids(data)) if task.settings.zero_unseen_embeddings else 0
+    mean_of = torch.tensor(tokenizer.convert_tokens_to_ids(list(task.value_tokens))) \
+        if task.settings.unseen_as_mean_value else None
+    zeroed = zero_unseen_embeddings(model, seen_token_ids(data), mean_of) if task.settings.zero_unseen_embeddings else 0
     record = TrainingRecord(task.role, task.training_file.name, round(seconds, 2), losses, zeroed)
     save_atomically(model.eval(), task.tokenizer_dir, task.model_dir(), asdict(record))
     return record

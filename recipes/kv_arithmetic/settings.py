@@ -70,6 +70,10 @@ class BaseModelSettings:
     # to zero: tokens the model never read are indistinguishable to it (random untrained embeddings
     # are not, and a composition can memorise them). See docs/investigation.md, rows 13-16.
     zero_unseen_embeddings: bool = False
+    # With zero_unseen_embeddings: reset them to the mean input embedding of the numbers 0..value_max instead
+    # of zero, so that every unseen token (to m_B: every key) reads as one and the same unspecified number.
+    # See docs/investigation.md, rows 51 and 54.
+    unseen_as_mean_value: bool = False
 
 
 @dataclass
@@ -124,6 +128,8 @@ def _validate_base(base: BaseModelSettings, side: str) -> None:
         _require(getattr(pretrain, name) > 0, f"{side}.pretrain.{name}", "must be > 0")
     _require(pretrain.lr > 0, f"{side}.pretrain.lr", "must be > 0")
     _require(pretrain.warmup_steps >= 0, f"{side}.pretrain.warmup_steps", "must be >= 0")
+    _require(base.zero_unseen_embeddings or not base.unseen_as_mean_value, f"{side}.unseen_as_mean_value",
+             "chooses what zero_unseen_embeddings resets the unseen embeddings to: set that to true as well")
 
 
 def _validate_baselines(baselines: BaselineSettings) -> None:
