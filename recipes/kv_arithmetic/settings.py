@@ -72,7 +72,7 @@ class BaseModelSettings:
     zero_unseen_embeddings: bool = False
     # With zero_unseen_embeddings: reset them to the mean input embedding of the numbers 0..value_max instead
     # of zero, so that every unseen token (to m_B: every key) reads as one and the same unspecified number.
-    # See docs/investigation.md, rows 51 and 54.
+    # See docs/investigation.md, rows 52 and 57.
     unseen_as_mean_value: bool = False
 
 
