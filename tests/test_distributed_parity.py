@@ -54,6 +54,23 @@ def test_distributed_matches_single_process(job, reference, tmp_path, anchor_ran
 
 
 @pytest.mark.timeout(300)
+def test_bridges_with_position_logits_train_the_same_under_zero3_as_in_one_process(project, tmp_path):
+    positioned = prepared_job(project, tmp_path / "job", f"train.max_steps={STEPS}", "eval.every_steps=8",
+                              "eval.batch_size=5", "composition.position_buckets=4")
+    reference_losses, _, reference_bridges = single_process_run(positioned)
+    assert any(name.endswith("position_bias") for name in reference_bridges)
+    results = spawn(composition_run, 3, (with_plan(positioned, 2, 1),), tmp_path / "run")
+    anchors = [r for r in results if "losses" in r]
+    assert len(anchors) == 2
+    for result in anchors:
+        assert max(abs(a - b) for a, b in zip(result["losses"], reference_losses)) <= 1e-4
+    for name, tensor in reference_bridges.items():
+        assert torch.allclose(anchors[0]["bridges"][name], tensor, atol=1e-5), name
+    trained = [reference_bridges[name] for name in reference_bridges if name.endswith("position_bias")]
+    assert any((bias[:, 0] != 8.0).any() for bias in trained)  # the logits moved from their start
+
+
+@pytest.mark.timeout(300)
 def test_a_failing_rank_fails_every_rank(job, tmp_path):
     with pytest.raises(Exception, match="injected failure on rank 1"):
         spawn(failing_run, 2, (with_plan(job, 1, 1), 1), tmp_path)
