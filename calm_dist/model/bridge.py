@@ -20,6 +20,8 @@ from torch.nn import functional as F
 
 from calm_dist.model.cache import BridgeMemory
 
+ALIGNED_LOGIT = 8.0  # position logits' default start at distance 0: e^8 ≈ 3,000 × any other position
+
 
 @dataclass
 class CrossMask:
@@ -94,7 +96,7 @@ def _added(mask: torch.Tensor | None, logits: torch.Tensor | None) -> torch.Tens
 
 class CrossAttentionBridge(nn.Module):
     def __init__(self, augment_dim: int, anchor_dim: int, num_heads: int, relative_scale: bool = False,
-                 position_buckets: int = 0, aligned_logit: float = 0.0):
+                 position_buckets: int = 0, aligned_logit: float = ALIGNED_LOGIT):
         super().__init__()
         self.relative_scale = relative_scale
         if anchor_dim % num_heads != 0:

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from calm_dist.model.alignment import AugmentInput, aligned_allowed
 from calm_dist.model.augment import TapPlan, run_augment, wrap_augment_layers
-from calm_dist.model.bridge import BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask
+from calm_dist.model.bridge import ALIGNED_LOGIT, BridgeInput, CompositionContext, CrossAttentionBridge, CrossMask
 from calm_dist.model.cache import BridgeMemory, CALMCache, growing_cache
 from calm_dist.model.connections import resolve_connections, resolve_per_model_connections
 from calm_dist.model.layers import ModelShape, backbone, find_decoder_layers, model_shape
@@ -50,7 +50,7 @@ class CALMModel(nn.Module):
 
     def __init__(self, anchor: nn.Module, augment, connections, augment_shape: ModelShape | Sequence[ModelShape],
                  relative_scale: bool = False, own_tokenizer: Sequence[bool] | None = None,
-                 position_buckets: int = 0, aligned_logit: float = 0.0):
+                 position_buckets: int = 0, aligned_logit: float = ALIGNED_LOGIT):
         super().__init__()
         augments, per_model_connections, shapes = _augment_specs(augment, connections, augment_shape)
         # Models with a tokenizer of their own read their own tokenisation (augment_inputs), never the anchor's ids.
@@ -365,7 +365,7 @@ def check_position_buckets(position_buckets: int, own_tokenizer: Sequence[bool])
 def build_calm(anchor: nn.Module, augments: Sequence[nn.Module] | None, augment_shapes: Sequence[ModelShape],
                connections: Sequence[Sequence[tuple[int, int]]], *, relative_scale: bool = False,
                seed: int | None = None, own_tokenizer: Sequence[bool] | None = None,
-               position_buckets: int = 0, aligned_logit: float = 0.0) -> CALMModel:
+               position_buckets: int = 0, aligned_logit: float = ALIGNED_LOGIT) -> CALMModel:
     """The one constructor every path uses: the single-process model, every anchor rank (``augments=None``:
     their states arrive over the wire) and every export. ``connections`` holds one resolved list of pairs
     per augmenting model. With ``seed``, the bridges' initial weights depend on it alone, not on the
@@ -411,7 +411,7 @@ def compose(
     shared_tokenizer: bool | Sequence[bool] = True,
     seed: int | None = None,
     position_buckets: int = 0,
-    aligned_logit: float = 8.0,
+    aligned_logit: float = ALIGNED_LOGIT,
 ) -> CALMModel:
     """Compose a frozen anchor (m_B) with one or several frozen augmenting models (m_A).
 
