@@ -55,8 +55,12 @@ for row, got, twin, want in zip(examples, composed, twins, truth):
                   f"longest key {max(len(k) for k in keys)} letters", f"answer {'< 0' if want.startswith('-') else '>= 0'}"):
         by_group[group][0] += got == want
         by_group[group][1] += 1
-print(f"{eval_set}: {len(examples)} prompts, composed {100 * outcomes['right, twin right'] / len(examples) + 100 * outcomes['right, twin wrong'] / len(examples):.1f}, "
-      f"numeric twins {100 * sum(t == w for t, w in zip(twins, truth)) / len(truth):.1f}")
+
+def percent_right(got):
+    return 100 * sum(g == w for g, w in zip(got, truth)) / len(truth)
+
+
+print(f"{eval_set}: {len(examples)} prompts, composed {percent_right(composed):.1f}, numeric twins {percent_right(twins):.1f}")
 for outcome, count in sorted(outcomes.items()):
     print(f"  {outcome}: {count}")
 for group, (right, total) in sorted(by_group.items()):
@@ -71,5 +75,5 @@ for position in range(3):
         tokens[2 * position] = str(values[tokens[2 * position]])
         prompts.append(" ".join(tokens))
     got = answers(prompts)
-    print(f"  3 operands, operand {position + 1} given as a number: "
-          f"{100 * sum(g == w for g, (_, w) in zip(got, three)) / len(three):.1f} of {len(three)}")
+    right = sum(g == want for g, (_, want) in zip(got, three))
+    print(f"  3 operands, operand {position + 1} given as a number: {100 * right / len(three):.1f} of {len(three)}")
