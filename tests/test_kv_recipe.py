@@ -55,6 +55,8 @@ def test_recipe_settings_reach_their_dataclasses():
     ("recipe.data.max_operands=1", "recipe.data.max_operands"),
     ("recipe.data.num_keyz=3", "recipe.data.num_keyz"),
     ("recipe.data.num_keys=three", "recipe.data.num_keys"),
+    ("recipe.data.composition_operand_weights=[1]", "recipe.data.composition_operand_weights"),
+    ("recipe.data.composition_operand_weights=[0,0]", "recipe.data.composition_operand_weights"),
     ("recipe.anchor.model.arch=bert", "recipe.anchor.model.arch"),
     ("recipe.augment.model.hidden_size=33", "recipe.augment.model.hidden_size"),
     ("recipe.augment.pretrain.steps=0", "recipe.augment.pretrain.steps"),

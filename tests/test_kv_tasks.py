@@ -323,6 +323,34 @@ def test_fresh_numeric_examples_in_dc_reach_beyond_m_bs_data_but_never_the_evalu
     assert not numeric_in_dc & {r["prompt"] for r in read(files, "numeric_arithmetic")}
 
 
+def test_dc_operand_weights_shape_the_kv_examples_and_leave_the_evaluation_uniform(tmp_path):
+    settings = dataclasses.replace(SMALL, composition_train_examples=4000, composition_operand_weights=[1.0, 3.0],
+                                   eval_examples=200)
+    files = prepare_task_files(tmp_path, settings, seed=0)
+    kv_rows = [r for r in read(files, "composition_train") if used_keys(r)]
+    assert len(kv_rows) == 3200
+    assert 0.72 < sum(len(operands(r["prompt"])) == 3 for r in kv_rows) / len(kv_rows) < 0.78
+    assert 0.38 < sum(len(operands(r["prompt"])) == 3 for r in read(files, "kv_arithmetic")) / 200 < 0.62
+    uniform = prepare_task_files(tmp_path, dataclasses.replace(settings, composition_operand_weights=None), seed=0)
+    for name in ("anchor_train", "augment_train", "kv_arithmetic", "numeric_arithmetic"):
+        assert read(files, name) == read(uniform, name), name
+
+
+def test_operand_weights_pick_operand_counts(keys):
+    def counts(weights):
+        drawn = tasks.make_examples("kv_arithmetic", 300, seed=2, value_max=VALUE_MAX, keys=keys,
+                                    operand_weights=weights)
+        return {len(operands(example["prompt"])) for example in drawn}
+
+    assert counts([0, 1]) == {3} and counts([1, 0]) == {2} and counts(None) == {2, 3}
+    for bad in ([1.0], [0, 0], [-1, 2]):
+        with pytest.raises(ValueError, match="operand_weights"):
+            counts(bad)
+    with pytest.raises(ValueError, match="evaluation"):
+        tasks.make_examples("kv_arithmetic", 5, seed=2, value_max=VALUE_MAX, keys=keys, distinct=True,
+                            operand_weights=[1, 1])
+
+
 def test_sampling_with_replacement_skips_excluded_prompts():
     everything = tasks.make_examples("numeric_arithmetic", 400, seed=1, value_max=2, max_operands=2)
     excluded = {example["prompt"] for example in everything[:5]}

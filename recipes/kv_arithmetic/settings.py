@@ -40,6 +40,9 @@ class TaskSettings:
     # Where those come from: False = m_B's own training set (expressions it fits); True = drawn afresh from
     # every Numeric expression but the evaluation set's, so D_C also holds expressions m_B never saw.
     composition_numeric_fresh: bool = False
+    # Relative weight of each operand count (min_operands..max_operands) in D_C's KV-Arithmetic examples;
+    # None = uniform. Evaluation sets stay uniform.
+    composition_operand_weights: list[float] | None = None
     eval_examples: int = 400  # per evaluation set
 
 
@@ -115,6 +118,11 @@ def _validate_task(data: TaskSettings) -> None:
              "must be in [0, 1 - recipe.data.heldin_fraction)")
     _require(0 <= data.augment_number_operand_prob <= 1, "data.augment_number_operand_prob", "must be in [0, 1]")
     _require(0 <= data.composition_numeric_fraction < 1, "data.composition_numeric_fraction", "must be in [0, 1)")
+    weights, counts = data.composition_operand_weights, data.max_operands - data.min_operands + 1
+    _require(weights is None or (len(weights) == counts and min(weights) >= 0 and sum(weights) > 0),
+             "data.composition_operand_weights",
+             f"must be null or {counts} weights >= 0 (operand counts {data.min_operands}..{data.max_operands}), "
+             f"not all zero; got {weights}")
 
 
 def _validate_base(base: BaseModelSettings, side: str) -> None:

@@ -141,7 +141,8 @@ def generate_splits(data: TaskSettings, seed: int) -> tuple[dict[str, list[dict[
                                                                **common)
     n_numeric = int(round(n_dc * data.composition_numeric_fraction))
     splits[COMPOSITION_TRAIN], heldin_eval = tasks.make_train_eval(
-        KV_ARITHMETIC, n_dc - n_numeric, n_eval, seed=seed + 20, train_keys=split.heldin, **common)
+        KV_ARITHMETIC, n_dc - n_numeric, n_eval, seed=seed + 20, train_keys=split.heldin,
+        train_operand_weights=data.composition_operand_weights, **common)
     if n_numeric and data.composition_numeric_fresh:  # never an evaluation expression
         splits[COMPOSITION_TRAIN] += tasks.make_examples(
             NUMERIC_ARITHMETIC, n_numeric, seed=seed + 22, exclude={example["prompt"] for example in numeric_eval},

@@ -162,8 +162,12 @@ def expression_space_size(pool_size: int, min_operands: int, max_operands: int) 
     )
 
 
-def _random_expression(rng: random.Random, pool: list, min_ops: int, max_ops: int):
-    count = rng.randint(min_ops, max_ops)
+def _random_expression(rng: random.Random, pool: list, min_ops: int, max_ops: int,
+                       operand_weights: Sequence[float] | None = None):
+    if operand_weights is None:
+        count = rng.randint(min_ops, max_ops)
+    else:
+        count = rng.choices(range(min_ops, max_ops + 1), weights=operand_weights)[0]
     operands = [rng.choice(pool) for _ in range(count)]
     ops = [rng.choice(OPERATORS) for _ in range(count - 1)]
     return operands, ops
@@ -187,14 +191,17 @@ def make_examples(
     max_operands: int = 3,
     distinct: bool = False,
     exclude: Collection[str] = (),
+    operand_weights: Sequence[float] | None = None,
 ) -> list[dict[str, str]]:
     """``n`` examples of ``task`` whose key operands come from ``keys``.
 
-    ``distinct=False`` samples with replacement (training sets), none of them in ``exclude``.
+    ``distinct=False`` samples with replacement (training sets), none of them in ``exclude``; the
+    number of operands is uniform over min..max, or drawn with ``operand_weights`` (one per count).
     ``distinct=True`` returns ``n`` different prompts, none of them in ``exclude`` (evaluation
     sets), and raises ValueError when the expression space cannot supply that many.
     """
     _check_task_args(task, keys, value_max, min_operands, max_operands)
+    _check_operand_weights(operand_weights, min_operands, max_operands, distinct)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"{task}:{seed}")  # str seeds are hashed with sha512: stable
@@ -204,7 +211,8 @@ def make_examples(
     if not distinct:
         if len(excluded) >= space:
             raise ValueError(f"cannot draw {task} prompts: all {space} distinct expressions are excluded")
-        return _drawn_with_replacement(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded)
+        return _drawn_with_replacement(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded,
+                                       operand_weights)
     if n > space:
         raise ValueError(
             f"cannot draw {n} distinct {task} prompts: only {space} distinct expressions "
@@ -217,10 +225,20 @@ def make_examples(
     return sampler(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded, space)
 
 
-def _drawn_with_replacement(task, n, rng, pool, keys, operand_range, excluded):
+def _check_operand_weights(weights: Sequence[float] | None, min_ops: int, max_ops: int, distinct: bool) -> None:
+    if weights is None:
+        return
+    if distinct:
+        raise ValueError("operand_weights shape training draws only; distinct (evaluation) sets stay uniform")
+    if len(weights) != max_ops - min_ops + 1 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"operand_weights needs one weight >= 0 per operand count {min_ops}..{max_ops}, "
+                         f"not all zero; got {list(weights)}")
+
+
+def _drawn_with_replacement(task, n, rng, pool, keys, operand_range, excluded, operand_weights=None):
     examples: list[dict[str, str]] = []
     while len(examples) < n:
-        example = format_example(task, *_random_expression(rng, pool, *operand_range), keys)
+        example = format_example(task, *_random_expression(rng, pool, *operand_range, operand_weights), keys)
         if example["prompt"] not in excluded:
             examples.append(example)
     return examples
@@ -270,13 +288,16 @@ def make_train_eval(
     min_operands: int = 2,
     max_operands: int = 3,
     exclude: Collection[str] = (),
+    train_operand_weights: Sequence[float] | None = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """A training set (with replacement) and a distinct evaluation set disjoint from it.
 
-    ``eval_keys`` defaults to ``train_keys``; evaluation prompts also avoid ``exclude``.
+    ``eval_keys`` defaults to ``train_keys``; evaluation prompts also avoid ``exclude``. The training
+    set's operand counts follow ``train_operand_weights``; the evaluation set's are uniform.
     """
     common = dict(value_max=value_max, min_operands=min_operands, max_operands=max_operands)
-    train = make_examples(task, n_train, seed=seed, keys=train_keys, **common)
+    train = make_examples(task, n_train, seed=seed, keys=train_keys, operand_weights=train_operand_weights,
+                          **common)
     train_prompts = {example["prompt"] for example in train}
     evaluation = make_examples(
         task,
