@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from calm_dist.config import Config, build_section
 
+from . import tasks
+
 NAME = "kv_arithmetic"
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
 
@@ -119,7 +121,7 @@ def _validate_task(data: TaskSettings) -> None:
     _require(0 <= data.augment_number_operand_prob <= 1, "data.augment_number_operand_prob", "must be in [0, 1]")
     _require(0 <= data.composition_numeric_fraction < 1, "data.composition_numeric_fraction", "must be in [0, 1)")
     weights, counts = data.composition_operand_weights, data.max_operands - data.min_operands + 1
-    _require(weights is None or (len(weights) == counts and min(weights) >= 0 and sum(weights) > 0),
+    _require(weights is None or tasks.operand_weights_are_valid(weights, data.min_operands, data.max_operands),
              "data.composition_operand_weights",
              f"must be null or {counts} weights >= 0 (operand counts {data.min_operands}..{data.max_operands}), "
              f"not all zero; got {weights}")

@@ -225,12 +225,17 @@ def make_examples(
     return sampler(task, n, rng, pool, keys or {}, (min_operands, max_operands), excluded, space)
 
 
+def operand_weights_are_valid(weights: Sequence[float], min_ops: int, max_ops: int) -> bool:
+    """One weight >= 0 per operand count min_ops..max_ops, not all zero."""
+    return len(weights) == max_ops - min_ops + 1 and min(weights) >= 0 and sum(weights) > 0
+
+
 def _check_operand_weights(weights: Sequence[float] | None, min_ops: int, max_ops: int, distinct: bool) -> None:
     if weights is None:
         return
     if distinct:
         raise ValueError("operand_weights shape training draws only; distinct (evaluation) sets stay uniform")
-    if len(weights) != max_ops - min_ops + 1 or min(weights) < 0 or sum(weights) <= 0:
+    if not operand_weights_are_valid(weights, min_ops, max_ops):
         raise ValueError(f"operand_weights needs one weight >= 0 per operand count {min_ops}..{max_ops}, "
                          f"not all zero; got {list(weights)}")
 
