@@ -78,6 +78,7 @@ class TrainConfig:
     batch_size: int = 64  # global: rows per optimizer step over all anchor ranks
     lr: float = 1e-4
     warmup_steps: int = 50
+    min_lr_rate: float = 0.1  # where the cosine ends, as a fraction of lr (transformers' cosine_with_min_lr)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 
@@ -364,6 +365,7 @@ def validate(config: Config) -> None:
         value = _get(config, key)
         _require(value is None or value >= 0, key, f"must be >= 0, got {value}")
     _require(config.train.lr > 0, "train.lr", "must be > 0")
+    _require(0 <= config.train.min_lr_rate <= 1, "train.min_lr_rate", f"must be in [0, 1], got {config.train.min_lr_rate}")
     data = config.data
     _require(data.overlong in ("drop", "truncate"), "data.overlong", f"must be drop or truncate, got {data.overlong!r}")
     if data.eval is None:

@@ -14,20 +14,24 @@ class OptimSettings:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    min_lr_rate: float = 0.1
 
     @classmethod
     def of(cls, train) -> "OptimSettings":
-        """From a ``TrainConfig`` (``max_steps``) or any section with ``steps``."""
+        """From a ``TrainConfig`` (``max_steps``) or any section with ``steps`` (a section without
+        ``min_lr_rate`` keeps the default floor)."""
         steps = getattr(train, "max_steps", None) or train.steps
-        return cls(steps, train.lr, train.warmup_steps, train.weight_decay, train.grad_clip)
+        return cls(steps, train.lr, train.warmup_steps, train.weight_decay, train.grad_clip,
+                   getattr(train, "min_lr_rate", cls.min_lr_rate))
 
 
 def warmup_cosine(step: int, settings: OptimSettings) -> float:
-    """Learning-rate factor: linear warm-up, then cosine down to 0.1."""
+    """Learning-rate factor: linear warm-up, then cosine down to ``min_lr_rate``."""
     if step < settings.warmup_steps:
         return (step + 1) / settings.warmup_steps
     progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    floor = settings.min_lr_rate
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], settings: OptimSettings):

@@ -63,6 +63,8 @@ def test_ints_and_exponent_strings_are_accepted_for_floats():
     ("train.max_steps=1.5", "train.max_steps"),
     ("train.max_steps=0", "train.max_steps"),
     ("train.lr=-1", "train.lr"),
+    ("train.min_lr_rate=-0.1", "train.min_lr_rate"),
+    ("train.min_lr_rate=1.5", "train.min_lr_rate"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
     ("data.overlong=cut", "data.overlong"),
     ("data.max_length=0", "data.max_length"),
