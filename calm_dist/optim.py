@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from calm_dist.config import TrainConfig
+
 
 @dataclass(frozen=True)
 class OptimSettings:
@@ -14,7 +16,7 @@ class OptimSettings:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    min_lr_rate: float = 0.1
+    min_lr_rate: float = TrainConfig.min_lr_rate
 
     @classmethod
     def of(cls, train) -> "OptimSettings":
