@@ -109,7 +109,9 @@ def composed_engine(anchor, config):
 
 
 def import_loading_code(model_dir: str) -> None:
-    """What ``load_partitioned`` and the step import lazily: import costs are not the anchor's memory."""
+    """What ``load_partitioned``, the engine and the step import lazily: import costs are not the anchor's memory.
+    (DeepSpeed's ZeRO-3 optimizer imports its Muon module when it is built, ~40 MiB of code per process.)"""
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     import safetensors.torch  # noqa: F401
     import torch._dynamo  # noqa: F401
     import transformers.initialization  # noqa: F401

@@ -122,8 +122,12 @@ def gather_rank(rank: int, world_size: int, model_dir: str, size: LlamaSize) -> 
         worker._train_step(batch, states)
         steps.append(counter.take())
     element = next(anchor.parameters()).ds_tensor.element_size()
+    head = anchor.get_output_embeddings()
+    head_piece_rows = head.pieces[0].out_features if hasattr(head, "pieces") else None
     return {"rank": rank, "steps": steps, "element_bytes": element,
-            "partitioned_numel": sum(p.ds_numel for p in engine.module.parameters())}
+            "partitioned_numel": sum(p.ds_numel for p in engine.module.parameters()),
+            "max_live_parameters": engine.zero_max_live_parameters(),
+            "head_piece_rows": head_piece_rows}
 
 
 def gather_figure(size: LlamaSize, model_dir: Path, ranks: int, work: Path, quick: bool) -> str:
@@ -131,7 +135,7 @@ def gather_figure(size: LlamaSize, model_dir: Path, ranks: int, work: Path, quic
     results = spawn_ranks(gather_rank, ranks, (str(model_dir), size), work / f"n{ranks}")
     model = composition_of(size)
     element = results[0]["element_bytes"]
-    phases = model.gathered_elements_per_step()
+    phases = model.gathered_elements_per_step(results[0]["max_live_parameters"], results[0]["head_piece_rows"])
     predicted = received_bytes(phases["forward"] + phases["backward"], ranks, element)
     per_step = [[step["received"] for step in r["steps"]] for r in results]
     measured = max(median(steps[1:]) for steps in per_step)
@@ -145,6 +149,7 @@ def gather_figure(size: LlamaSize, model_dir: Path, ranks: int, work: Path, quic
         n=ranks, measured_over_predicted=round(ratio, 5), measured_received_bytes_per_step=measured,
         predicted_received_bytes_per_step=round(predicted), received_bytes_per_step_rank0=per_step[0],
         predicted_gathered_elements=phases, model_numel=results[0]["partitioned_numel"],
+        max_live_parameters=results[0]["max_live_parameters"], head_piece_rows=results[0]["head_piece_rows"],
         predicted_model_numel=model.anchor.params() + model.bridge_params(),
         reduce_scattered_bytes_per_step=reduce_scattered, bridge_gradient_bytes=bridge_grads,
         first_step_received_bytes=per_step[0][0], element_bytes=element, connections=[list(c) for c in

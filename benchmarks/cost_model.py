@@ -9,7 +9,8 @@ What one anchor rank does per step (see docs/scaling.md for why):
 * forward: ZeRO-3 gathers every partitioned parameter of the composed model once (anchor and bridges);
 * backward: it gathers again the parameters of every module backward runs through: the bridges, the
   anchor layers *above* the first bridge, the final norm and the LM head (the layers below the first
-  bridge see no gradient, the embedding neither);
+  bridge see no gradient, the embedding neither), except the LM head (or its last piece) when it fits in
+  ``max_live_parameters``: it is still gathered from the end of forward (``gathered_elements_per_step``);
 * gradients of the bridges only are reduce-scattered (the anchor is frozen).
 An all-gather of S bytes brings (N-1)/N x S to each of the N ranks; the rest is its own partition.
 """
@@ -77,10 +78,25 @@ class Composition:
         head = self.anchor.head_params() if not self.anchor.tied else self.anchor.embedding_params()
         return above * self.anchor.layer_params() + self.anchor.hidden + head
 
-    def gathered_elements_per_step(self) -> dict[str, int]:
-        """Elements all-gathered per step (each rank ends up with all of them), by phase."""
+    def last_forward_params(self, head_piece_rows: int | None = None) -> int:
+        """Elements of the last module forward runs: the LM head, or its last piece (``deepspeed.vocab_piece_rows``)."""
+        rows = self.anchor.vocab if not head_piece_rows else self.anchor.vocab - (
+            math.ceil(self.anchor.vocab / head_piece_rows) - 1) * head_piece_rows
+        return rows * self.anchor.hidden
+
+    def gathered_elements_per_step(self, max_live_parameters: int | None = None,
+                                   head_piece_rows: int | None = None) -> dict[str, int]:
+        """Elements all-gathered per step (each rank ends up with all of them), by phase.
+
+        Backward begins with the module forward ended with. When that module was fetched, DeepSpeed's
+        prefetcher scanned the trace ahead while ``max_live_parameters`` (default: the auto 3 decoder layers of
+        accelerators) left room, found that next use already gathered and marked it, so the module is not
+        released in between and backward does not gather it again."""
+        live = max_live_parameters or 3 * self.anchor.layer_params()
+        last = self.last_forward_params(head_piece_rows)
+        kept = last if last < live else 0
         return {"forward": self.anchor.params() + self.bridge_params(),
-                "backward": self.backward_anchor_params() + self.bridge_params()}
+                "backward": self.backward_anchor_params() + self.bridge_params() - kept}
 
     def tapped_layers(self) -> int:
         return len({augment for augment, _ in self.connections})

@@ -113,11 +113,16 @@ class DeepSpeedConfig:
     # bf16 frozen base models and bridge compute, fp32 bridge weights and optimizer state; every launcher
     bf16: bool = False
     param_persistence_threshold: int = 100000  # anchor params smaller than this are not partitioned
-    # null = auto: one anchor decoder layer ahead, on CPU too (with 0 DeepSpeed's trace fails on resume).
-    # DeepSpeed refills the bucket after every module, so prefetched weights pile up to max_live_parameters
+    # null = auto: one anchor decoder layer ahead; on CPU, where no gather overlaps compute, the largest weight of
+    # one (never 0: DeepSpeed's trace then fails on resume). DeepSpeed refills the bucket after every module, so
+    # prefetched weights pile up to max_live_parameters
     prefetch_bucket_size: int | None = None
-    # null = auto: 3 anchor decoder layers, 1 on CPU (DeepSpeed's default, 1e9, lets prefetch gather a whole small anchor)
+    # null = auto: 3 anchor decoder layers; on CPU the largest weight of one (DeepSpeed's default, 1e9, lets
+    # prefetch gather a whole small anchor)
     max_live_parameters: int | None = None
+    # elements of the gradient bucket DeepSpeed allocates up front (its default 5e8 is 2 GB in fp32 per GPU).
+    # null = auto: the composition's parameter count (at most 5e8); on CPU its largest weight
+    reduce_bucket_size: int | None = None
     # a gathered parameter is kept (not re-partitioned) if the step uses it again within this many elements;
     # DeepSpeed's default, 1e9, keeps a whole small anchor gathered from forward to backward
     max_reuse_distance: int = 0
@@ -129,6 +134,10 @@ class DeepSpeedConfig:
     # the anchor's nn.Linear layers keep a reference to their weight for backward, not its gathered storage
     # (ZeRO-3 re-gathers it there); false: plain F.linear, which keeps every gathered weight alive until backward
     frozen_linear: bool = True
+    # rows per piece of the anchor's embedding and LM head on anchor ranks: ZeRO-3 gathers one piece at a time
+    # instead of a whole vocabulary matrix. null = auto: no piece larger than a decoder layer's largest weight, whole
+    # matrices with bf16 (pieces round their input gradients to bf16 before summing them); 0 = whole matrices
+    vocab_piece_rows: int | None = None
     # CPU ranks: allocate buffers >= 64 KiB with mmap so freed gathered parameters go back to the OS
     # (resident memory tracks the partitions) at the cost of page faults on every large activation.
     return_freed_memory: bool = False
@@ -329,7 +338,7 @@ _NON_NEGATIVE = (
     "checkpoint.every_steps",
     "train.weight_decay", "train.grad_clip", "data.num_proc", "deepspeed.param_persistence_threshold",
     "deepspeed.prefetch_bucket_size", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",
-    "ray.max_failures",
+    "deepspeed.vocab_piece_rows", "ray.max_failures",
 )
 
 
@@ -364,6 +373,8 @@ def validate(config: Config) -> None:
     for key in _NON_NEGATIVE:
         value = _get(config, key)
         _require(value is None or value >= 0, key, f"must be >= 0, got {value}")
+    bucket = config.deepspeed.reduce_bucket_size
+    _require(bucket is None or bucket > 0, "deepspeed.reduce_bucket_size", f"must be > 0 or null (auto), got {bucket}")
     _require(config.train.lr > 0, "train.lr", "must be > 0")
     _require(0 <= config.train.min_lr_rate <= 1, "train.min_lr_rate", f"must be in [0, 1], got {config.train.min_lr_rate}")
     data = config.data

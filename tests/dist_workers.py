@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from calm_dist.distributed.groups import env_store
 from calm_dist.distributed.worker import RunInputs, run_worker
 
@@ -116,6 +118,10 @@ def partition_facts(rank: int, world_size: int, inputs: RunInputs) -> dict:
     with deepspeed.zero.GatheredParameters(list(model.anchor.parameters())):  # names as in the checkpoint
         weights = {re.sub(r"(layers\.\d+)\.layer\.", r"\1.", name): p.detach().clone()
                    for name, p in model.anchor.named_parameters()}
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for name in sorted((n for n in weights if ".pieces." in n), key=lambda n: int(n.split(".pieces.")[1].split(".")[0])):
+        pieces.setdefault(re.sub(r"\.pieces\.\d+", "", name), []).append(weights.pop(name))
+    weights.update({name: torch.cat(rows) for name, rows in pieces.items()})  # vocabulary pieces joined
     bridge_numel = sum(p.ds_numel for p in model.bridges.parameters())
     bridge_partition_numel = sum(p.ds_tensor.numel() for p in model.bridges.parameters())
     return {"role": result["role"], "partitions": partitions, "weights": weights, "bridge_numel": bridge_numel,

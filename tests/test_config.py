@@ -65,6 +65,8 @@ def test_ints_and_exponent_strings_are_accepted_for_floats():
     ("train.lr=-1", "train.lr"),
     ("train.min_lr_rate=-0.1", "train.min_lr_rate"),
     ("train.min_lr_rate=1.5", "train.min_lr_rate"),
+    ("deepspeed.reduce_bucket_size=0", "deepspeed.reduce_bucket_size"),
+    ("deepspeed.vocab_piece_rows=-1", "deepspeed.vocab_piece_rows"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
     ("data.overlong=cut", "data.overlong"),
     ("data.max_length=0", "data.max_length"),
@@ -115,18 +117,20 @@ def test_override_syntax():
 
 
 def test_zero_plus_plus_and_gather_limits_reach_deepspeed():
-    from calm_dist.distributed.zero_anchor import deepspeed_config
+    from calm_dist.distributed.zero_anchor import EngineSizes, deepspeed_config
 
     config = load_config(None, ["parallel.anchor_ranks=4", "train.batch_size=4", "deepspeed.zero_hpz_partition_size=2",
                                 "deepspeed.zero_quantized_weights=true"])
-    zero = deepspeed_config(config.deepspeed, config.train, 1, layer_numel=1000)["zero_optimization"]
+    sizes = EngineSizes(layer_numel=1000, weight_numel=400, trainable_numel=900, trainable_weight_numel=300)
+    zero = deepspeed_config(config.deepspeed, config.train, 1, sizes=sizes)["zero_optimization"]
     assert zero["zero_hpz_partition_size"] == 2 and zero["zero_quantized_weights"] is True
     assert zero["stage3_prefetch_bucket_size"] == 1000 and zero["stage3_max_live_parameters"] == 3000
-    on_cpu = deepspeed_config(config.deepspeed, config.train, 1, layer_numel=1000, on_cpu=True)["zero_optimization"]
-    assert on_cpu["stage3_prefetch_bucket_size"] == 1000 and on_cpu["stage3_max_live_parameters"] == 1000
+    on_cpu = deepspeed_config(config.deepspeed, config.train, 1, sizes=sizes, on_cpu=True)["zero_optimization"]
+    assert on_cpu["stage3_prefetch_bucket_size"] == 400 and on_cpu["stage3_max_live_parameters"] == 400
     assert zero["stage3_max_reuse_distance"] == 0
+    assert zero["reduce_bucket_size"] == 900 and on_cpu["reduce_bucket_size"] == 300  # auto: what the bridges need
     fixed = load_config(None, ["deepspeed.prefetch_bucket_size=7", "deepspeed.max_live_parameters=9"]).deepspeed
-    zero = deepspeed_config(fixed, config.train, 1, layer_numel=1000)["zero_optimization"]
+    zero = deepspeed_config(fixed, config.train, 1, sizes=sizes)["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 7 and zero["stage3_max_live_parameters"] == 9
 
 

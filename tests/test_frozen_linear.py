@@ -71,6 +71,7 @@ def test_each_rank_reads_exactly_its_flat_range(tmp_path, shape):
     from safetensors.torch import save_file
 
     from calm_dist.distributed.zero_anchor import _read_flat_range
+    from calm_dist.model.vocab_pieces import PieceSource
 
     tensor = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
     save_file({"t": tensor}, tmp_path / "w.safetensors")
@@ -81,9 +82,9 @@ def test_each_rank_reads_exactly_its_flat_range(tmp_path, shape):
             for rank in range(ranks):
                 start, end = rank * size, min((rank + 1) * size, flat.numel())
                 if start < end:
-                    assert torch.equal(_read_flat_range(handle, "t", start, end, shape), flat[start:end])
+                    assert torch.equal(_read_flat_range(handle, PieceSource("t"), start, end, shape), flat[start:end])
         with pytest.raises(ValueError, match="shape"):
-            _read_flat_range(handle, "t", 0, 1, (99,))
+            _read_flat_range(handle, PieceSource("t"), 0, 1, (99,))
 
 
 def _gather_rank(rank: int, world: int, port: int, queue) -> None:

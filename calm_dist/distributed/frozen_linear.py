@@ -12,6 +12,10 @@ gather the module's parameters again (ZeRO-3 gathers every parameter in forward 
 should the weight not be there, it is gathered here and released after use. For a frozen weight the input
 is not saved either: ``grad_input = grad_output @ W`` needs only the weight.
 
+The bridges' linear layers use it too (``build_engine``): their weights are trainable, but ZeRO-3 gathers
+and releases them like the anchor's, and plain ``F.linear`` would keep each gathered bridge weight alive from
+forward to backward.
+
 DeepSpeed's own ``memory_efficient_linear`` does the same for the weight but replaces
 ``torch.nn.functional.linear`` for the whole process, for good (every other model in the process, e.g. a
 plain reference model or the augmenting model, then runs through it). Here only the anchor's own
@@ -51,9 +55,9 @@ class FrozenLinearFunction(torch.autograd.Function):
         try:
             if ctx.needs_input_grad[0]:
                 grad_input = grad_output.matmul(weight.to(grad_output.dtype))
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1]:  # in grad_output's dtype, as autocast's linear computes it
                 grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
-                    input.reshape(-1, input.shape[-1])).to(weight.dtype)
+                    input.reshape(-1, input.shape[-1]).to(grad_output.dtype)).to(weight.dtype)
         finally:
             if gathered:
                 weight.partition()

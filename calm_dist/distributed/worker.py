@@ -183,7 +183,7 @@ def run_anchor_role(inputs: RunInputs, groups: Groups, augment_shapes: list[Mode
 
     micro = micro_batch_size(inputs)
     anchor = load_partitioned(inputs.anchor_path, deepspeed_config(inputs.deepspeed, inputs.train, micro),
-                              inputs.deepspeed.return_freed_memory)
+                              inputs.deepspeed.return_freed_memory, inputs.deepspeed.vocab_piece_rows)
     anchor = configure_anchor(anchor, inputs.deepspeed)
     model = inputs.composition.build(anchor, None, augment_shapes)
     if inputs.deepspeed.activation_checkpointing:

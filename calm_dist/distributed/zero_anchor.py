@@ -6,46 +6,87 @@ state for the bridges only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from calm_dist.config import DeepSpeedConfig, TrainConfig
+from calm_dist.model.vocab_pieces import PieceSource, split_vocab_matrices
 from calm_dist.optim import OptimSettings, warmup_cosine
 
 
-DEEPSPEED_PREFETCH_BUCKET, DEEPSPEED_MAX_LIVE = 50_000_000, 1_000_000_000  # DeepSpeed's own defaults
+DEEPSPEED_PREFETCH_BUCKET, DEEPSPEED_MAX_LIVE, DEEPSPEED_REDUCE_BUCKET = 50_000_000, 1_000_000_000, 500_000_000  # its defaults
 LIVE_LAYERS = 3  # auto max_live_parameters on accelerators: the layer in use, the one prefetched, one in release
-CPU_LIVE_LAYERS = 1  # on CPU no gather overlaps compute, so nothing is gained by holding more
 
 
-def gather_limits(ds: DeepSpeedConfig, layer_numel: int | None, on_cpu: bool = False) -> tuple[int, int]:
+@dataclass(frozen=True)
+class EngineSizes:
+    """Elements of the anchor's largest decoder layer and largest decoder-layer weight (full sizes, also when
+    ZeRO-3 partitioned), and of the composition's parameters in all and its largest one."""
+
+    layer_numel: int
+    weight_numel: int
+    trainable_numel: int
+    trainable_weight_numel: int
+
+
+def _decoder_layer_numels(anchor) -> list[list[int]]:
+    from calm_dist.model.layers import find_decoder_layers
+
+    return [[getattr(p, "ds_numel", p.numel()) for p in layer.parameters()] for layer in find_decoder_layers(anchor)]
+
+
+def engine_sizes(model) -> EngineSizes:
+    """``model``: the composed model an anchor rank trains."""
+    layers = _decoder_layer_numels(model.anchor)
+    trainable = [getattr(p, "ds_numel", p.numel()) for p in model.trainable_parameters()]
+    return EngineSizes(max(map(sum, layers)), max(map(max, layers)), sum(trainable), max(trainable, default=0))
+
+
+def gather_limits(ds: DeepSpeedConfig, sizes: EngineSizes | None, on_cpu: bool = False) -> tuple[int, int]:
     """(prefetch bucket, max live parameters) in elements: the configured values, or for ``null`` (auto)
-    derived from the anchor's largest decoder layer (``layer_numel``; unknown: DeepSpeed's defaults).
+    derived from the anchor's layer sizes (unknown: DeepSpeed's defaults).
 
     DeepSpeed's prefetcher tops the bucket up again after every module, so prefetched weights accumulate
     until ``max_live_parameters``; its default (1e9 elements) holds a whole small anchor gathered on every
     rank. Each layer of that limit is a layer's weights in every rank's peak (0.05 of a 16-layer anchor;
-    docs/scaling.md). Auto prefetches one layer, on CPU too: with a prefetch bucket of 0 DeepSpeed's fetch
+    docs/scaling.md). On accelerators auto prefetches one layer, so that gathers overlap compute. On CPU
+    no gather overlaps compute: both limits are one weight (the largest), which bounds what is gathered
+    beyond the module in use; each coalesced gather also holds its flat buffer and the per-parameter
+    copies at once, twice what it gathers. The prefetch is never 0: with a bucket of 0 DeepSpeed's fetch
     queue stays empty while its trace is complete, and the first step after a resume fails with "tracing
     error" (tests/test_driver_restart.py)."""
     prefetch, live = ds.prefetch_bucket_size, ds.max_live_parameters
+    unit = None if sizes is None else sizes.weight_numel if on_cpu else sizes.layer_numel
     if prefetch is None:
-        prefetch = layer_numel or DEEPSPEED_PREFETCH_BUCKET
-    if live is None and not layer_numel:
-        live = DEEPSPEED_MAX_LIVE
-    elif live is None:
-        live = (CPU_LIVE_LAYERS if on_cpu else LIVE_LAYERS) * layer_numel
+        prefetch = unit or DEEPSPEED_PREFETCH_BUCKET
+    if live is None:
+        live = DEEPSPEED_MAX_LIVE if unit is None else unit if on_cpu else LIVE_LAYERS * unit
     return prefetch, live
 
 
+def reduce_bucket(ds: DeepSpeedConfig, sizes: EngineSizes | None, on_cpu: bool = False) -> int:
+    """Elements of DeepSpeed's gradient bucket: the configured value, or for ``null`` (auto) no more than
+    the composition needs. DeepSpeed allocates the whole bucket up front (its default, 5e8 elements, is
+    2 GB in fp32 on a GPU) and copies gradients into it until it is full. On CPU one weight: only the
+    pages written become resident, and a reduction does not overlap backward there."""
+    if ds.reduce_bucket_size is not None:
+        return ds.reduce_bucket_size
+    if sizes is None or not sizes.trainable_numel:
+        return DEEPSPEED_REDUCE_BUCKET
+    return sizes.trainable_weight_numel if on_cpu else min(DEEPSPEED_REDUCE_BUCKET, sizes.trainable_numel)
+
+
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False,
-                     layer_numel: int | None = None, on_cpu: bool = False) -> dict:
+                     sizes: EngineSizes | None = None, on_cpu: bool = False) -> dict:
     """``load_universal``: the engine will load a checkpoint in DeepSpeed's universal form (written at
-    another anchor rank count). ``layer_numel``, ``on_cpu``: for the auto gather limits (``gather_limits``)."""
-    prefetch, live = gather_limits(ds, layer_numel, on_cpu)
+    another anchor rank count). ``sizes``, ``on_cpu``: for the auto gather limits and bucket (``gather_limits``,
+    ``reduce_bucket``)."""
+    prefetch, live = gather_limits(ds, sizes, on_cpu)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -57,6 +98,7 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, 
             "stage3_prefetch_bucket_size": prefetch,
             "stage3_max_live_parameters": live,
             "stage3_max_reuse_distance": ds.max_reuse_distance,
+            "reduce_bucket_size": reduce_bucket(ds, sizes, on_cpu),
             "zero_hpz_partition_size": ds.zero_hpz_partition_size,
             "zero_quantized_weights": ds.zero_quantized_weights,
             # DeepSpeed's memory-efficient linear replaces F.linear process-wide for good; the anchor's own
@@ -167,12 +209,15 @@ def _model_class(hf_config):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
 
 
-def load_partitioned(path: str | Path, ds_config: dict, return_freed_memory: bool = False):
+def load_partitioned(path: str | Path, ds_config: dict, return_freed_memory: bool = False,
+                     vocab_piece_rows: int | None = None):
     """Build the anchor straight into ZeRO-3 partitions, then fill them one parameter at a time.
 
     Every rank reads its own slice of each tensor (``_fill_from_checkpoint``): no rank holds more than its
     partitions plus a few rows; every anchor rank must see the model directory.
-    ``return_freed_memory``: see ``release_freed_memory_to_the_os``.
+    ``return_freed_memory``: see ``release_freed_memory_to_the_os``. ``vocab_piece_rows``: the embedding
+    and LM head are built as pieces of this many rows (``calm_dist.model.vocab_pieces``), so that ZeRO-3
+    gathers one piece at a time; None: auto (``auto_vocab_piece_rows``); 0: whole.
     """
     import deepspeed
     from transformers import AutoConfig
@@ -188,35 +233,74 @@ def load_partitioned(path: str | Path, ds_config: dict, return_freed_memory: boo
     # The parameter dtype comes from the config's bf16 section: zero.Init's own ``dtype`` argument is
     # ignored on accelerators without fp16 (DeepSpeed 0.19 then always picks bf16).
     with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config), \
-            no_init_weights():
+            no_init_weights(), _without_init_broadcast():
         model = model_class(hf_config)  # every weight is filled from the checkpoint below
-    model.tie_weights()
-    _fill_from_checkpoint(model, path)
+        model.tie_weights()
+        low_precision = ds_config.get("bf16", {}).get("enabled", False)
+        rows = auto_vocab_piece_rows(model, low_precision) if vocab_piece_rows is None else vocab_piece_rows
+        pieces = split_vocab_matrices(model, rows) if rows else {}
+    _fill_from_checkpoint(model, path, pieces)
     return model.eval()
 
 
-def _fill_from_checkpoint(model, path: Path) -> None:
+@contextlib.contextmanager
+def _without_init_broadcast():
+    """zero.Init partitions each new parameter after broadcasting its initial values from rank 0, so that
+    ranks agree. Every value here is read from the checkpoint afterwards, so the broadcast is skipped: it
+    would send the whole anchor over the network at load and make each receiving rank hold a whole tensor
+    (the largest, the embedding, set those ranks' loading peak)."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original = Init._zero_init_param
+
+    def partition_only(self, param):
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    Init._zero_init_param = partition_only
+    try:
+        yield
+    finally:
+        Init._zero_init_param = original
+
+
+def auto_vocab_piece_rows(model, low_precision: bool = False) -> int:
+    """Rows per vocabulary piece such that a piece is no larger than the model's largest decoder-layer weight;
+    0 (whole matrices) for a bf16 anchor: there each piece's input gradient is rounded to bf16 before the
+    pieces' sum, and the bf16 anchor rank then strays from its one-process twin (tests/test_distributed_runtime.py:
+    1.3e-4 in loss over 3 steps against 3.4e-5 with a whole head)."""
+    if low_precision:
+        return 0
+    largest = max(map(max, _decoder_layer_numels(model)))
+    embedding = model.get_input_embeddings()
+    width = getattr(embedding, "embedding_dim", None) or model.config.get_text_config().hidden_size
+    return max(1, largest // width)
+
+
+def _fill_from_checkpoint(model, path: Path, pieces: dict[str, PieceSource]) -> None:
     """Each rank reads only its own partition of each tensor from the safetensors files (a slice of rows
     plus at most two partial rows), straight into its ZeRO-3 partition: no rank ever holds a whole tensor
-    or a whole shard, and nothing is communicated."""
+    or a whole shard, and nothing is communicated. ``pieces``: parameters that are row ranges of a stored
+    tensor (``split_vocab_matrices``)."""
     from safetensors import safe_open
 
     parameters = dict(model.named_parameters())
+    sources = {name: pieces.get(name, PieceSource(name)) for name in parameters}
     files = _weight_files(path)
-    missing = sorted(set(parameters) - set(files))
+    missing = sorted(name for name, source in sources.items() if source.name not in files)
     if missing:
         raise ValueError(f"anchor checkpoint {path} has no tensors {missing[:5]}")
     for file in sorted(set(files.values())):  # one shard open at a time
         with safe_open(file, "pt") as handle:
-            for name in (n for n in parameters if files[n] == file):
-                _fill_partition(parameters[name], handle, name)
+            for name in (n for n, source in sources.items() if files[source.name] == file):
+                _fill_partition(parameters[name], handle, sources[name])
 
 
-def _fill_partition(parameter, handle, name: str) -> None:
+def _fill_partition(parameter, handle, source: PieceSource) -> None:
     import torch.distributed as dist
 
     if getattr(parameter, "ds_secondary_tensor", None) is not None or not hasattr(parameter, "ds_tensor"):
-        _fill_gathered(parameter, handle, name)  # not the plain stage-3 layout: gather, copy, re-partition
+        _fill_gathered(parameter, handle, source)  # not the plain stage-3 layout: gather, copy, re-partition
         return
     partition = parameter.ds_tensor
     size = partition.numel()
@@ -224,33 +308,39 @@ def _fill_partition(parameter, handle, name: str) -> None:
     end = min(start + size, parameter.ds_numel)
     with torch.no_grad():
         if start < end:
-            values = _read_flat_range(handle, name, start, end, tuple(parameter.ds_shape))
+            values = _read_flat_range(handle, source, start, end, tuple(parameter.ds_shape))
             partition[: end - start].copy_(values.to(partition.dtype))
         partition[max(end - start, 0):].zero_()  # ZeRO-3's padding
 
 
-def _read_flat_range(handle, name: str, start: int, end: int, shape: tuple) -> torch.Tensor:
-    """Elements ``[start, end)`` of the flattened tensor ``name``, reading only the rows that hold them."""
-    tensor_slice = handle.get_slice(name)
+def _read_flat_range(handle, source: PieceSource, start: int, end: int, shape: tuple) -> torch.Tensor:
+    """Elements ``[start, end)`` of the flattened parameter of ``shape`` that ``source`` locates in the
+    checkpoint, reading only the stored rows that hold them."""
+    tensor_slice = handle.get_slice(source.name)
     stored = tuple(tensor_slice.get_shape())
-    if stored != shape:
-        raise ValueError(f"anchor tensor {name} has shape {list(stored)} in the checkpoint, the model expects "
-                         f"{list(shape)}")
+    expected = shape if source.rows is None else (source.total_rows, *shape[1:])
+    if stored != expected:
+        raise ValueError(f"anchor tensor {source.name} has shape {list(stored)} in the checkpoint, the model "
+                         f"expects {list(expected)}")
+    row = math.prod(stored[1:])
+    start, end = start + source.start_row * row, end + source.start_row * row
     if len(stored) <= 1:
         return tensor_slice[start:end].reshape(-1)
-    row = math.prod(stored[1:])
     first, last = start // row, -(-end // row)
     rows = tensor_slice[first:last].reshape(-1)
     offset = start - first * row
     return rows[offset: offset + end - start]
 
 
-def _fill_gathered(parameter, handle, name: str) -> None:
+def _fill_gathered(parameter, handle, source: PieceSource) -> None:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
         with torch.no_grad():
-            parameter.data.copy_(handle.get_tensor(name).to(parameter.dtype))
+            stored = handle.get_tensor(source.name)
+            if source.rows is not None:
+                stored = stored[source.start_row: source.start_row + source.rows]
+            parameter.data.copy_(stored.to(parameter.dtype))
 
 
 def configure_anchor(anchor, ds: DeepSpeedConfig):
@@ -263,19 +353,17 @@ def configure_anchor(anchor, ds: DeepSpeedConfig):
     return anchor
 
 
-def largest_layer_numel(anchor) -> int:
-    """Elements of the anchor's largest decoder layer (its full size, also when ZeRO-3 partitioned)."""
-    from calm_dist.model.layers import find_decoder_layers
-
-    return max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters())
-               for layer in find_decoder_layers(anchor))
-
-
 def build_engine(model, ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, load_universal: bool = False):
-    """deepspeed.initialize over the composed model; only the bridges reach the optimizer."""
+    """deepspeed.initialize over the composed model; only the bridges reach the optimizer. With
+    ``deepspeed.frozen_linear`` the bridges' linear layers keep no gathered weight for backward either."""
     import deepspeed
 
-    ds_config = deepspeed_config(ds, train, micro_batch, load_universal, largest_layer_numel(model.anchor),
+    if ds.frozen_linear:
+        from calm_dist.distributed.frozen_linear import use_frozen_linear
+
+        use_frozen_linear(model.bridges)
+
+    ds_config = deepspeed_config(ds, train, micro_batch, load_universal, engine_sizes(model),
                                  next(model.parameters()).device.type == "cpu")
     settings = OptimSettings.of(train)
     schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
