@@ -78,18 +78,14 @@ def test_matrices_no_longer_than_a_piece_and_subclasses_stay_whole():
     assert type(scaled.get_input_embeddings()) is Scaled and type(scaled.lm_head) is torch.nn.Linear
 
 
-def _load_rank(rank: int, world: int, port: int, model_dir: str, queue) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+def _load_rank(rank: int, world: int, model_dir: str) -> dict:
     import deepspeed
     import torch.distributed as dist
 
     from calm_dist.config import load_config
     from calm_dist.distributed.zero_anchor import deepspeed_config, init_deepspeed, load_partitioned
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo")
     init_deepspeed("gloo")
     broadcasts = []
     original = dist.broadcast
@@ -98,11 +94,9 @@ def _load_rank(rank: int, world: int, port: int, model_dir: str, queue) -> None:
     anchor = load_partitioned(model_dir, deepspeed_config(config.deepspeed, config.train, 1), vocab_piece_rows=12)
     dist.broadcast = original
     with deepspeed.zero.GatheredParameters(list(anchor.parameters())):
-        embedding = torch.cat([piece.weight.detach().clone() for piece in anchor.get_input_embeddings().pieces])
-        head = torch.cat([piece.weight.detach().clone() for piece in anchor.get_output_embeddings().pieces])
-        norm = anchor.model.norm.weight.detach().clone()
-    queue.put((rank, embedding.tolist(), head.tolist(), norm.tolist(), len(broadcasts)))
-    dist.destroy_process_group()
+        return {"embedding": torch.cat([piece.weight.detach().clone() for piece in anchor.get_input_embeddings().pieces]),
+                "head": torch.cat([piece.weight.detach().clone() for piece in anchor.get_output_embeddings().pieces]),
+                "norm": anchor.model.norm.weight.detach().clone(), "broadcasts": len(broadcasts)}
 
 
 @pytest.mark.timeout(120)
@@ -110,33 +104,17 @@ def _load_rank(rank: int, world: int, port: int, model_dir: str, queue) -> None:
 def test_each_anchor_rank_loads_its_pieces_from_the_checkpoint_without_broadcasting(tmp_path, tied):
     """Two ZeRO-3 ranks load a saved model with its vocabulary matrices in pieces of 12 rows: gathered, the
     pieces are the saved matrices; zero.Init broadcasts no initial values (the checkpoint overwrites them)."""
-    import torch.multiprocessing as mp
-
-    from benchmarks._common import free_port
+    from tests.dist_helpers import spawn
 
     whole = tiny_llama(tied)
     with torch.no_grad():
         whole.model.norm.weight.uniform_()
     whole.save_pretrained(tmp_path / "model")
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_load_rank, args=(rank, 2, port, str(tmp_path / "model"), queue))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    try:
-        results = [queue.get(timeout=100) for _ in processes]
-    finally:
-        for process in processes:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-    for rank, embedding, head, norm, broadcasts in results:
-        assert torch.tensor(embedding).equal(whole.get_input_embeddings().weight.detach()), rank
-        assert torch.tensor(head).equal(whole.lm_head.weight.detach()), rank
-        assert torch.tensor(norm).equal(whole.model.norm.weight.detach()), rank
-        assert broadcasts == 0, rank
+    for rank, result in enumerate(spawn(_load_rank, 2, (str(tmp_path / "model"),), tmp_path / "ranks")):
+        assert result["embedding"].equal(whole.get_input_embeddings().weight.detach()), rank
+        assert result["head"].equal(whole.lm_head.weight.detach()), rank
+        assert result["norm"].equal(whole.model.norm.weight.detach()), rank
+        assert result["broadcasts"] == 0, rank
 
 
 def test_auto_pieces_are_a_decoder_layers_largest_weight_and_bf16_keeps_whole_matrices():
