@@ -61,12 +61,13 @@ def gather_limits(ds: DeepSpeedConfig, sizes: EngineSizes | None, on_cpu: bool =
     queue stays empty while its trace is complete, and the first step after a resume fails with "tracing
     error" (tests/test_driver_restart.py)."""
     prefetch, live = ds.prefetch_bucket_size, ds.max_live_parameters
-    unit = None if sizes is None else sizes.weight_numel if on_cpu else sizes.layer_numel
-    if prefetch is None:
-        prefetch = unit or DEEPSPEED_PREFETCH_BUCKET
-    if live is None:
-        live = DEEPSPEED_MAX_LIVE if unit is None else unit if on_cpu else LIVE_LAYERS * unit
-    return prefetch, live
+    if sizes is None:
+        auto_prefetch, auto_live = DEEPSPEED_PREFETCH_BUCKET, DEEPSPEED_MAX_LIVE
+    elif on_cpu:
+        auto_prefetch = auto_live = sizes.weight_numel
+    else:
+        auto_prefetch, auto_live = sizes.layer_numel, LIVE_LAYERS * sizes.layer_numel
+    return (auto_prefetch if prefetch is None else prefetch), (auto_live if live is None else live)
 
 
 def reduce_bucket(ds: DeepSpeedConfig, sizes: EngineSizes | None, on_cpu: bool = False) -> int:

@@ -100,10 +100,10 @@ def split_vocab_matrices(model: nn.Module, rows_per_piece: int) -> dict[str, Pie
                        and embedding.num_embeddings > rows_per_piece)
     split_head = (head is not None and _splittable_linear(head) and head.out_features > rows_per_piece
                   and (split_embedding or not tied))  # a tied head is split with its embedding or not at all
-    embedding_spec = split_embedding and (names[embedding], embedding.num_embeddings, embedding.embedding_dim,
-                                          embedding.weight.dtype, embedding.weight.device)
-    head_spec = split_head and (names[head], head.in_features, head.out_features, head.bias is not None,
-                                head.weight.dtype, head.weight.device)
+    embedding_spec = (names[embedding], embedding.num_embeddings, embedding.embedding_dim, embedding.weight.dtype,
+                      embedding.weight.device) if split_embedding else None
+    head_spec = (names[head], head.in_features, head.out_features, head.bias is not None, head.weight.dtype,
+                 head.weight.device) if split_head else None
     if split_embedding:
         model.set_input_embeddings(nn.Identity())
     if split_head:
@@ -125,7 +125,10 @@ def split_vocab_matrices(model: nn.Module, rows_per_piece: int) -> dict[str, Pie
         if tied:
             for linear, table in zip(head_pieces, embedding_pieces, strict=True):
                 linear.weight = table.weight
-        _record(sources, name, bounds, ("weight",) * (not tied) + ("bias",) * bias)
+        attributes = [] if tied else ["weight"]  # a tied weight is the embedding's, recorded with it
+        if bias:
+            attributes.append("bias")
+        _record(sources, name, bounds, attributes)
         model.set_output_embeddings(PiecewiseLinear(head_pieces))
     return sources
 
