@@ -126,4 +126,5 @@ def partition_facts(rank: int, world_size: int, inputs: RunInputs) -> dict:
     bridge_partition_numel = sum(p.ds_tensor.numel() for p in model.bridges.parameters())
     return {"role": result["role"], "partitions": partitions, "weights": weights, "bridge_numel": bridge_numel,
             "bridge_partition_numel": bridge_partition_numel,
+            "bridge_linear_classes": {type(m).__name__ for m in model.bridges.modules() if isinstance(m, torch.nn.Linear)},
             "optimizer_numel": optimizer_state_numel(result["optimizer"])}

@@ -74,6 +74,7 @@ def test_partitioning_is_real_and_optimizer_state_is_composition_only(job, tmp_p
     plain = AutoModelForCausalLM.from_pretrained(inputs.anchor_path)
     for result in results:
         assert any(".pieces." in name for name in result["partitions"])  # the vocabulary matrices are split
+        assert result["bridge_linear_classes"] == {"FrozenLinear"}  # no gathered bridge weight kept for backward
         for name, (local, full) in result["partitions"].items():
             assert local == math.ceil(full / 2), name
         for name, tensor in plain.named_parameters():
