@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +120,18 @@ def init_deepspeed(backend: str) -> None:
     """DeepSpeed's communication layer over the anchor group that is already initialised.
 
     On CPU DeepSpeed would JIT-compile a shared-memory all-reduce op (g++, ~35 s); gloo suffices. Over
-    gloo, large parameter gathers run in chunks (``chunked_gloo_all_gather``).
+    gloo, large parameter gathers run in chunks (``chunked_gloo_all_gather``). DeepSpeed's CPU accelerator
+    counts its devices by running ``numactl --hardware`` in a subprocess on every call (ZeRO-3 calls it for
+    every gradient reduce) unless ``LOCAL_SIZE`` is set, as DeepSpeed's own launcher sets it: it is set to the
+    ranks on this node (``LOCAL_WORLD_SIZE`` under torchrun, else 1, the one rank of a Ray actor).
     """
     import importlib
 
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() == "cpu":
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # Not `import deepspeed.comm.torch as m`: that resolves the package attribute `torch`, i.e. torch itself.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend)
