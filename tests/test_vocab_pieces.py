@@ -123,3 +123,22 @@ def test_auto_pieces_are_a_decoder_layers_largest_weight_and_bf16_keeps_whole_ma
     model = tiny_llama(False)  # largest decoder weight: 16 x 32 (MLP), rows of 16
     assert auto_vocab_piece_rows(model) == 32
     assert auto_vocab_piece_rows(model, low_precision=True) == 0
+
+
+def test_a_parameter_outside_the_plain_partition_layout_is_filled_with_its_rows_only(tmp_path):
+    """The fallback of partitioned loading (gather, copy, re-partition; e.g. ZeRO++'s secondary partitions):
+    a piece gets exactly its rows of the stored tensor, a whole parameter the whole tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from calm_dist.distributed.zero_anchor import _fill_partition
+    from calm_dist.model.vocab_pieces import PieceSource
+
+    stored = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    save_file({"table": stored}, str(tmp_path / "model.safetensors"))
+    piece, whole = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(10, 4))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        _fill_partition(piece, handle, PieceSource("table", 5, 3, 10))
+        _fill_partition(whole, handle, PieceSource("table"))
+    assert piece.detach().equal(stored[5:8])
+    assert whole.detach().equal(stored)

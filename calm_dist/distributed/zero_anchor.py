@@ -345,9 +345,8 @@ def _fill_gathered(parameter, handle, source: PieceSource) -> None:
 
     with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
         with torch.no_grad():
-            stored = handle.get_tensor(source.name)
-            if source.rows is not None:
-                stored = stored[source.start_row: source.start_row + source.rows]
+            stored = handle.get_tensor(source.name) if source.rows is None else \
+                handle.get_slice(source.name)[source.start_row: source.start_row + source.rows]  # its rows only
             parameter.data.copy_(stored.to(parameter.dtype))
 
 
