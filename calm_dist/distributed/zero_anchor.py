@@ -345,9 +345,9 @@ def _fill_gathered(parameter, handle, source: PieceSource) -> None:
 
     with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
         with torch.no_grad():
-            stored = handle.get_tensor(source.name) if source.rows is None else \
-                handle.get_slice(source.name)[source.start_row: source.start_row + source.rows]  # its rows only
-            parameter.data.copy_(stored.to(parameter.dtype))
+            shape = tuple(parameter.shape)
+            values = _read_flat_range(handle, source, 0, math.prod(shape), shape)
+            parameter.data.copy_(values.view(shape).to(parameter.dtype))
 
 
 def configure_anchor(anchor, ds: DeepSpeedConfig):
