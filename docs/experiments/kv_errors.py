@@ -1,7 +1,7 @@
 """Where a trained KV-arithmetic composition's errors come from: each prompt is asked again with its keys
 replaced by their values (its numeric twin), so an error is either reading (the twin is right) or arithmetic
-(the twin is wrong too); accuracy by operand count, largest value, key length and the answer's sign
-(investigation row 61).
+(the twin is wrong too); accuracy by operand count, largest value, key length and the answer's sign, and how far
+off the wrong answers are (investigation rows 61, 83).
 
     PYTHONPATH=. python docs/experiments/kv_errors.py RUN_DIR/export TASK_DATA_DIR [EVAL_SET]
 """
@@ -65,6 +65,14 @@ for outcome, count in sorted(outcomes.items()):
     print(f"  {outcome}: {count}")
 for group, (right, total) in sorted(by_group.items()):
     print(f"  {group}: {100 * right / total:.1f} of {total}")
+
+# How far off a wrong answer is, by operand count: a misread key gives a nearby number or a far one.
+misses = collections.Counter()
+for row, got, want in zip(examples, composed, truth):
+    if got != want and got.lstrip("-").isdigit():
+        misses[(sum(token in values for token in row["prompt"].split()), int(got) - int(want))] += 1
+for (operands, off), count in sorted(misses.items()):
+    print(f"  {operands} operands, answer off by {off:+d}: {count}")
 
 # Which key of a 3-operand prompt is misread: accuracy with only that key written as its value.
 three = [(row, want) for row, want in zip(examples, truth) if len(row["prompt"].split()) == 6]
