@@ -48,6 +48,7 @@ composed = answers([row["prompt"] for row in examples])
 twins = answers([" ".join(str(values.get(token, token)) for token in row["prompt"].split()) for row in examples])
 outcomes = collections.Counter()
 by_group = collections.defaultdict(lambda: [0, 0])
+misses = collections.Counter()  # (operand count, answer - right answer): a misread key gives a near or a far number
 for row, got, twin, want in zip(examples, composed, twins, truth):
     keys = [token for token in row["prompt"].split() if token in values]
     outcomes[f"{'right' if got == want else 'wrong'}, twin {'right' if twin == want else 'wrong'}"] += 1
@@ -55,6 +56,8 @@ for row, got, twin, want in zip(examples, composed, twins, truth):
                   f"longest key {max(len(k) for k in keys)} letters", f"answer {'< 0' if want.startswith('-') else '>= 0'}"):
         by_group[group][0] += got == want
         by_group[group][1] += 1
+    if got != want and got.lstrip("-").isdigit():
+        misses[(len(keys), int(got) - int(want))] += 1
 
 def percent_right(got):
     return 100 * sum(g == w for g, w in zip(got, truth)) / len(truth)
@@ -66,11 +69,6 @@ for outcome, count in sorted(outcomes.items()):
 for group, (right, total) in sorted(by_group.items()):
     print(f"  {group}: {100 * right / total:.1f} of {total}")
 
-# How far off a wrong answer is, by operand count: a misread key gives a nearby number or a far one.
-misses = collections.Counter()
-for row, got, want in zip(examples, composed, truth):
-    if got != want and got.lstrip("-").isdigit():
-        misses[(sum(token in values for token in row["prompt"].split()), int(got) - int(want))] += 1
 for (operands, off), count in sorted(misses.items()):
     print(f"  {operands} operands, answer off by {off:+d}: {count}")
 
